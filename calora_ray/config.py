@@ -1,0 +1,351 @@
+"""One typed config per job, filled from defaults < YAML file < command-line flags.
+
+Every leaf field becomes a flag of the same name (``top_k_percent`` -> ``--top-k-percent``) and a
+YAML key of the same name. Small shared dataclasses (``ModelConfig``, ``DataConfig``) are nested
+inside the job configs, but their fields are flat on the command line and in YAML, so a user never
+needs to know the nesting. A YAML file may hold keys for several jobs: top-level keys apply to
+every job that has them, and a section named after a job (``score:``, ``finetune:``) applies to
+that job only.
+
+    cfg = parse_config(ScoreConfig, sys.argv[1:], job="score")
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .selection import SELECTION_MODES
+
+JOB_SECTIONS = ("score", "finetune")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the flag or YAML key."""
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(default="tiny", metadata=_help(
+        "Base model: 'tiny' (random SD-shaped model built in code, for tests), 'tiny-sdxl' "
+        "(the same with an SDXL-shaped UNet), 'toy-sd' (the project's pretrained toy model), "
+        "a local diffusers directory, or a Hugging Face hub id such as "
+        "'stable-diffusion-v1-5/stable-diffusion-v1-5'."))
+    model_seed: int = field(default=0, metadata=_help("Seed of the weights of the 'tiny' presets."))
+    device: str = field(default="auto", metadata=_help(
+        "Torch device: 'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ..."))
+    mixed_precision: str = field(default="no", metadata=_help(
+        "Compute dtype of the frozen base model on CUDA: 'no' (fp32), 'fp16' or 'bf16'. "
+        "Ignored on CPU (always fp32). Trainable LoRA weights stay fp32.",
+        choices=("no", "fp16", "bf16")))
+
+    def __post_init__(self):
+        check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+
+
+@dataclass
+class DataConfig:
+    data: str = field(default="toy", metadata=_help(
+        "Image-label source: 'toy' (= 'toy:target', the procedural Cityscapes stand-in), "
+        "'toy:source' (the other toy domain), or a directory in the Cityscapes layout "
+        "(leftImg8bit/<split>/<city>/*_leftImg8bit.png, gtFine/<split>/<city>/*_gtFine_labelIds.png)."))
+    split: str = field(default="train", metadata=_help("Split to read ('train', 'val', ...)."))
+    num_images: int | None = field(default=None, metadata=_help(
+        "Use only the first N images of the split (the few-shot setting); default: the source's "
+        "default (toy: 30 train / 100 val) or every image of a directory."))
+    resolution: int = field(default=64, metadata=_help(
+        "Square side in pixels: images are resized (shorter side) and centre-cropped to it; labels "
+        "with nearest-neighbour only. Must be a multiple of the VAE's downsampling times 8."))
+
+    def __post_init__(self):
+        if self.num_images is not None and self.num_images < 1:
+            raise ConfigError(f"--num-images must be >= 1, got {self.num_images}")
+        if self.resolution < 8:
+            raise ConfigError(f"--resolution must be >= 8, got {self.resolution}")
+
+
+
+
+@dataclass
+class ScoreConfig:
+    """jobs/score.py: concept sensitivity of every attention projection, and the top-k% selection."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    concept: str = field(default="style", metadata=_help(
+        "Concept whose sensitivity is scored: 'style', 'viewpoint', or a concept defined under "
+        "'concepts:' in the YAML config (or by --base-prompt/--augmented-prompts)."))
+    concepts: dict = field(default_factory=dict, metadata=_help(
+        "YAML only: user-defined concepts, {name: {base_prompt: str, augmented_prompts: [str, ...]}}.",
+        cli=False))
+    base_prompt: str | None = field(default=None, metadata=_help(
+        "Override the concept's base prompt c."))
+    augmented_prompts: list[str] | None = field(default=None, metadata=_help(
+        "Override the concept's augmented prompts c_aug (one or more)."))
+    timestep: int = field(default=81, metadata=_help(
+        "Diffusion timestep t at which gradients are taken (paper: 81 of 1000)."))
+    num_samples: int = field(default=16, metadata=_help(
+        "Number of (x_0, noise) samples; each is scored against every augmented prompt."))
+    x0: str = field(default="generated", metadata=_help(
+        "Where x_0 comes from: 'generated' (sampled from the base model with the base prompt; needs "
+        "no target data) or 'target' (encoded images of --data).",
+        choices=("generated", "target")))
+    x0_steps: int = field(default=20, metadata=_help("Sampling steps when --x0 generated."))
+    x0_guidance: float = field(default=7.5, metadata=_help("Guidance scale when --x0 generated."))
+    self_attention_only: bool = field(default=False, metadata=_help(
+        "Only self-attention projections (attn1) are candidates."))
+    top_k_percent: float = field(default=2.0, metadata=_help(
+        "Select the top k%% of candidates (paper: 2); at least one module is always selected."))
+    k_by: str = field(default="count", metadata=_help(
+        "What k%% counts: 'count' (matrices, as in the paper) or 'params' (parameters).",
+        choices=("count", "params")))
+    selection_mode: str = field(default="normalized", metadata=_help(
+        "'normalized' (CA-LoRA), or a baseline: 'unnormalized' (rank by the concept gradient "
+        "alone), 'random' (k%% at random, seeded), 'all' (every candidate = plain LoRA).",
+        choices=SELECTION_MODES))
+    batch_size: int = field(default=4, metadata=_help(
+        "Samples drawn per batch (x_0 generation, VAE encoding, augmented-prompt forwards)."))
+    seed: int = field(default=0, metadata=_help("Seed of x_0, noise and random selection."))
+    output: str = field(default="outputs/score", metadata=_help(
+        "Output directory: sensitivity.json and sensitivity.png."))
+    overwrite: bool = field(default=False, metadata=_help("Replace an existing output directory."))
+
+    def __post_init__(self):
+        check_choice("x0", self.x0, ("generated", "target"))
+        check_choice("k_by", self.k_by, ("count", "params"))
+        check_choice("selection_mode", self.selection_mode, SELECTION_MODES)
+        if not (0 < self.top_k_percent <= 100):
+            raise ConfigError(f"--top-k-percent must be in (0, 100], got {self.top_k_percent}")
+        if self.num_samples < 1:
+            raise ConfigError(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.timestep < 0:
+            raise ConfigError(f"--timestep must be >= 0, got {self.timestep}")
+
+
+@dataclass
+class FinetuneConfig:
+    """jobs/finetune.py: LoRA on the selected projections, trained with the diffusion loss."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(data="toy:target"))
+    selection: str = field(default="all", metadata=_help(
+        "Which projections get LoRA: a sensitivity.json written by jobs/score.py (its 'selected' "
+        "list), or 'all' (every candidate projection = plain LoRA)."))
+    rank: int = field(default=64, metadata=_help("LoRA rank r (paper: 64; the tiny model: 4)."))
+    alpha: float | None = field(default=None, metadata=_help("LoRA alpha; default: equal to --rank."))
+    steps: int = field(default=1000, metadata=_help("Optimizer steps (paper: 10k)."))
+    batch_size: int = field(default=4, metadata=_help("Images per step."))
+    learning_rate: float = field(default=1e-4, metadata=_help("AdamW learning rate (paper: 1e-4)."))
+    weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay."))
+    caption: str = field(default="Photorealistic first-person urban street view", metadata=_help(
+        "Caption of every training image (the concept's base prompt)."))
+    caption_with_classes: bool = field(default=False, metadata=_help(
+        "Append ' with {class names}' (the classes present in each label) to the caption."))
+    seed: int = field(default=0, metadata=_help("Seed of LoRA init, batches, noise and timesteps."))
+    log_every: int = field(default=10, metadata=_help("Record the loss every N steps."))
+    output: str = field(default="outputs/finetune", metadata=_help(
+        "Output directory: pytorch_lora_weights.safetensors (diffusers format), finetune.json, "
+        "loss.csv, loss.png."))
+    overwrite: bool = field(default=False, metadata=_help("Replace an existing output directory."))
+
+    def __post_init__(self):
+        for name in ("rank", "steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _leaf_fields(cls) -> dict[str, tuple[tuple[str, ...], dataclasses.Field, Any]]:
+    """Flat map leaf name -> (path of nested field names, field, resolved type)."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        ftype = hints[f.name]
+        if dataclasses.is_dataclass(ftype):
+            for name, (path, leaf, ltype) in _leaf_fields(ftype).items():
+                out[name] = ((f.name,) + path, leaf, ltype)
+        else:
+            if f.name in out:
+                raise TypeError(f"duplicate config field {f.name} in {cls.__name__}")
+            out[f.name] = ((), f, ftype)
+    return out
+
+
+def _base_type(tp):
+    """(scalar type, is_list) of an annotation such as `int | None` or `list[str] | None`."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _coerce(name: str, value, tp, where: str):
+    """Check a YAML value against the field type; return it converted."""
+    scalar, is_list = _base_type(tp)
+    if value is None:
+        return None
+    if is_list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{name}' must be a list, got {value!r}")
+        return [_coerce(name, v, scalar, where) for v in value]
+    if scalar is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{name}' must be a mapping, got {value!r}")
+        return value
+    if scalar is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{name}' must be true or false, got {value!r}")
+        return value
+    if scalar is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if scalar is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, scalar):
+        raise ConfigError(f"{where}: '{name}' must be of type {scalar.__name__}, got {value!r}")
+    return value
+
+
+def load_yaml(path: str | Path, cls, job: str) -> dict[str, Any]:
+    """Leaf values from a YAML file: its top-level keys this job has, then its job section."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config {path}: the top level must be a mapping of option names to values")
+    leaves = _leaf_fields(cls)
+    known_anywhere = set().union(*(_leaf_fields(c) for c in JOB_CONFIGS.values()))
+    values: dict[str, Any] = {}
+    sections = [(doc, f"{path}")]
+    if isinstance(doc.get(job), dict):
+        sections.append((doc[job], f"{path} [{job}]"))
+    for section, where in sections:
+        for key, value in section.items():
+            if key in JOB_SECTIONS:
+                continue
+            name = str(key).replace("-", "_")
+            if name not in leaves:
+                # Top-level keys of other jobs are fine; a key no job knows is a typo.
+                if section is doc and name in known_anywhere:
+                    continue
+                raise ConfigError(f"{where}: unknown key '{key}' for job '{job}'; "
+                                  f"known keys: {', '.join(sorted(leaves))}")
+            values[name] = _coerce(name, value, leaves[name][2], where)
+    return values
+
+
+def build_parser(cls, job: str, description: str | None = None) -> argparse.ArgumentParser:
+    """argparse parser whose flags and help texts come from the config's fields."""
+    parser = argparse.ArgumentParser(
+        prog=f"jobs/{job}.py", description=description or (cls.__doc__ or "").strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="YAML file with option values "
+                        "(flags given on the command line win over it).")
+    defaults = dataclasses.asdict(cls())
+    for name, (path, f, tp) in _leaf_fields(cls).items():
+        if not f.metadata.get("cli", True):
+            continue
+        default = defaults
+        for p in path:
+            default = default[p]
+        default = default[name]
+        scalar, is_list = _base_type(tp)
+        kwargs = dict(dest=name, default=argparse.SUPPRESS, help=f.metadata.get("help", "") + f" (default: {default})")
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        flag = "--" + name.replace("_", "-")
+        if scalar is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif is_list:
+            parser.add_argument(flag, nargs="+", type=scalar, metavar=name.upper(), **kwargs)
+        else:
+            parser.add_argument(flag, type=scalar, metavar=name.upper() if scalar is not str else None, **kwargs)
+    return parser
+
+
+def _fill(instance, values: dict[str, Any]):
+    changes = {}
+    for f in dataclasses.fields(instance):
+        current = getattr(instance, f.name)
+        if dataclasses.is_dataclass(current):
+            changes[f.name] = _fill(current, values)
+        elif f.name in values:
+            changes[f.name] = values[f.name]
+    return dataclasses.replace(instance, **changes)
+
+
+def build_config(cls, values: dict[str, Any]):
+    """The job's config from flat leaf values over its defaults; __post_init__ validates.
+
+    Nested configs start from the job's own default (finetune's data is 'toy:target').
+    """
+    return _fill(cls(), values)
+
+
+def parse_config(cls, argv: list[str] | None, job: str, description: str | None = None):
+    """defaults < --config YAML < flags; returns the job's config dataclass.
+
+    A ConfigError from validation is reported the argparse way (usage line + message, exit 2).
+    """
+    parser = build_parser(cls, job, description)
+    args = vars(parser.parse_args(argv))
+    config_file = args.pop("config", None)
+    try:
+        values = load_yaml(config_file, cls, job) if config_file else {}
+        values.update(args)
+        return build_config(cls, values)
+    except ConfigError as e:
+        parser.error(str(e))
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """Flat leaf -> value dict (what a YAML file or report records)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(to_dict(v))
+        else:
+            out[f.name] = v
+    return out
+
+
+JOB_CONFIGS = {"score": ScoreConfig, "finetune": FinetuneConfig}

@@ -1,0 +1,161 @@
+"""Datasets of (image, label) pairs: the procedural toy city and Cityscapes-layout directories.
+
+    ds = open_dataset("toy:target", split="train", num_images=30, resolution=64)
+    ds[0] -> {"image": HxWx3 uint8, "label": HxW uint8 train ids (255 = ignore), "name": str}
+
+Sources: "toy" (= "toy:target"), "toy:target", "toy:source", or a path to a directory in the
+Cityscapes layout (see cityscapes.find_pairs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from calora_ray.data.cityscapes import find_pairs, load_pair
+from calora_ray.data.labels import validate_label
+from calora_ray.data.toycity import DOMAINS, render_scene
+
+TOY_SOURCES = ("toy", *(f"toy:{d}" for d in DOMAINS))
+TOY_SPLITS = ("train", "val")
+TOY_NATIVE_SIZE = 64           # what resolution=None renders the toy city at
+TOY_DEFAULT_NUM_IMAGES = {"train": 30, "val": 100}
+_SEED_STRIDE = 1_000_003       # each dataset seed owns a block of render seeds (≤ this many images)
+_VAL_OFFSET = 2**40            # val render seeds lie above every train render seed (dataset seed < 10**6)
+
+
+def toy_render_seed(split: str, index: int, seed: int = 0) -> int:
+    """The render_scene seed of sample `index` of a toy split.
+
+    train sample i of dataset seed s renders seed s * 1_000_003 + i; val adds 2**40. So the
+    held-out split never contains a few-shot training scene, for any num_images and any two
+    dataset seeds below 10**6.
+    """
+    if split not in TOY_SPLITS:
+        raise ValueError(f"toy datasets have splits {', '.join(TOY_SPLITS)}; got {split!r}")
+    if not 0 <= index < _SEED_STRIDE:
+        raise ValueError(f"toy sample index must lie in 0..{_SEED_STRIDE - 1}, got {index}")
+    if seed < 0:
+        raise ValueError(f"toy dataset seed must be non-negative, got {seed}")
+    return seed * _SEED_STRIDE + (_VAL_OFFSET if split == "val" else 0) + index
+
+
+def resize_and_crop(image: np.ndarray, label: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize so the shorter side is `resolution`, then centre-crop to resolution x resolution.
+
+    image: HxWx3 uint8, resized bicubically. label: HxW uint8 ids, resized with NEAREST only,
+    so no new ids appear (interpolating ids would invent classes on every boundary).
+    """
+    h, w = label.shape
+    scale = resolution / min(h, w)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (new_h, new_w) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC))
+        label = np.asarray(Image.fromarray(label).resize((new_w, new_h), Image.NEAREST))
+    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    return (image[top:top + resolution, left:left + resolution],
+            label[top:top + resolution, left:left + resolution])
+
+
+class SegmentationDataset(Dataset):
+    """Image–label pairs, loaded lazily.
+
+    source: the normalised source ("toy:target", "toy:source" or the directory path).
+    names: one name per sample. load(i) -> (image HxWx3 uint8, label HxW ids, label_name):
+    label_name is what an error names (the label file, or the toy sample name).
+    resolution: square output size (shorter side resized, centre crop), None = as loaded.
+    """
+
+    def __init__(self, source: str, names: Sequence[str],
+                 load: Callable[[int], tuple[np.ndarray, np.ndarray, str]], resolution: int | None):
+        self.source = source
+        self.names = list(names)
+        self.resolution = resolution
+        self._load = load
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self.names)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} samples of {self.source!r}")
+        i %= n
+        image, label, label_name = self._load(i)
+        label = validate_label(label, name=label_name)
+        if self.resolution is not None and label.shape != (self.resolution, self.resolution):
+            image, label = resize_and_crop(image, label, self.resolution)
+        label = validate_label(label, name=label_name, expected_shape=image.shape[:2])
+        return {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label), "name": self.names[i]}
+
+    def __repr__(self) -> str:
+        return f"SegmentationDataset(source={self.source!r}, n={len(self)}, resolution={self.resolution})"
+
+
+def _open_toy(source: str, split: str, num_images: int | None, resolution: int | None,
+              seed: int) -> SegmentationDataset:
+    domain = "target" if source == "toy" else source.split(":", 1)[1]
+    if split not in TOY_SPLITS:
+        raise ValueError(f"toy dataset {source!r} has splits {', '.join(TOY_SPLITS)}; got {split!r}")
+    if seed < 0:
+        raise ValueError(f"toy dataset seed must be non-negative, got {seed}")
+    n = TOY_DEFAULT_NUM_IMAGES[split] if num_images is None else num_images
+    if n > _SEED_STRIDE:
+        raise ValueError(f"toy datasets hold at most {_SEED_STRIDE} images per seed, asked for {n}")
+    size = TOY_NATIVE_SIZE if resolution is None else resolution
+    prefix = f"toy-{domain}-{split}" if seed == 0 else f"toy-{domain}-seed{seed}-{split}"
+    names = [f"{prefix}-{i:06d}" for i in range(n)]
+
+    def load(i: int):
+        image, label = render_scene(toy_render_seed(split, i, seed), domain, size)
+        return image, label, names[i]
+
+    return SegmentationDataset(f"toy:{domain}", names, load, resolution)
+
+
+def open_dataset(source: str, split: str = "train", num_images: int | None = None,
+                 resolution: int | None = 64, seed: int = 0) -> SegmentationDataset:
+    """Open a segmentation dataset.
+
+    source: "toy" (= "toy:target"), "toy:target", "toy:source", or a Cityscapes-layout directory.
+    split: "train" / "val" for toy; any split directory for Cityscapes.
+    num_images: the first N samples (toy default 30 for train, 100 for val; Cityscapes: all).
+    resolution: square side (shorter side resized, centre-cropped); None keeps the native size
+    (toy: TOY_NATIVE_SIZE). seed: picks the toy world's block of scenes; unused for directories.
+    """
+    if num_images is not None and num_images < 1:
+        raise ValueError(f"num_images must be a positive integer or None, got {num_images}")
+    if resolution is not None and resolution < 1:
+        raise ValueError(f"resolution must be a positive integer or None, got {resolution}")
+    if source in TOY_SOURCES:
+        return _open_toy(source, split, num_images, resolution, seed)
+    if source.startswith("toy:"):
+        raise ValueError(f"unknown toy dataset {source!r}; accepted: {', '.join(TOY_SOURCES)}, "
+                         "or a path to a Cityscapes-layout directory")
+    root = Path(source)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"dataset source {source!r} is not a toy dataset ({', '.join(TOY_SOURCES)}) and not an existing "
+            "directory; a directory must have the Cityscapes layout leftImg8bit/<split>/<city>/ + "
+            "gtFine/<split>/<city>/"
+        )
+    pairs = find_pairs(root, split)
+    if num_images is not None:
+        if num_images > len(pairs):
+            raise ValueError(f"asked for {num_images} images but {str(root / 'leftImg8bit' / split)!r} "
+                             f"holds only {len(pairs)}")
+        pairs = pairs[:num_images]
+
+    def load(i: int):
+        image_path, label_path, _ = pairs[i]
+        image, label = load_pair(image_path, label_path)
+        return image, label, str(label_path)
+
+    return SegmentationDataset(str(root), [name for _, _, name in pairs], load, resolution)
+
+
+__all__ = ["SegmentationDataset", "open_dataset", "resize_and_crop", "toy_render_seed", "TOY_SOURCES"]

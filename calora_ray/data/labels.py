@@ -1,0 +1,137 @@
+"""Cityscapes label conventions: train ids, palette, labelIds → trainIds, label checks.
+
+The tables are copied from the official ``cityscapesScripts/helpers/labels.py`` so that
+label files, palettes and metrics here agree with every other Cityscapes tool.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CLASS_NAMES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+    "truck", "bus", "train", "motorcycle", "bicycle",
+)
+NUM_CLASSES = 19
+IGNORE_INDEX = 255
+NUM_LABEL_IDS = 34  # Cityscapes labelIds 0..33 (the full label set, before the trainIds mapping)
+
+# (labelId, trainId, colour) for every labelId that has a train id, from cityscapesScripts.
+_TRAIN_LABELS = (
+    (7, 0, (128, 64, 128)),     # road
+    (8, 1, (244, 35, 232)),     # sidewalk
+    (11, 2, (70, 70, 70)),      # building
+    (12, 3, (102, 102, 156)),   # wall
+    (13, 4, (190, 153, 153)),   # fence
+    (17, 5, (153, 153, 153)),   # pole
+    (19, 6, (250, 170, 30)),    # traffic light
+    (20, 7, (220, 220, 0)),     # traffic sign
+    (21, 8, (107, 142, 35)),    # vegetation
+    (22, 9, (152, 251, 152)),   # terrain
+    (23, 10, (70, 130, 180)),   # sky
+    (24, 11, (220, 20, 60)),    # person
+    (25, 12, (255, 0, 0)),      # rider
+    (26, 13, (0, 0, 142)),      # car
+    (27, 14, (0, 0, 70)),       # truck
+    (28, 15, (0, 60, 100)),     # bus
+    (31, 16, (0, 80, 100)),     # train
+    (32, 17, (0, 0, 230)),      # motorcycle
+    (33, 18, (119, 11, 32)),    # bicycle
+)
+
+PALETTE = np.zeros((256, 3), dtype=np.uint8)
+LABEL_ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+# Train id → labelId, for writing Cityscapes-layout files (the inverse is unique per train id).
+TRAIN_ID_TO_LABEL_ID = np.zeros(256, dtype=np.uint8)  # 0 = "unlabeled" for ignore / unused
+for _label_id, _train_id, _color in _TRAIN_LABELS:
+    PALETTE[_train_id] = _color
+    LABEL_ID_TO_TRAIN_ID[_label_id] = _train_id
+    TRAIN_ID_TO_LABEL_ID[_train_id] = _label_id
+PALETTE.flags.writeable = False
+LABEL_ID_TO_TRAIN_ID.flags.writeable = False
+TRAIN_ID_TO_LABEL_ID.flags.writeable = False
+
+
+class LabelError(ValueError):
+    """A label map that is not a valid HxW train-id map; the message names the file."""
+
+
+def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
+    """Map Cityscapes labelIds (any shape, ints in 0..255) to train ids (uint8, same shape)."""
+    label_ids = np.asarray(label_ids)
+    if label_ids.size and (label_ids.min() < 0 or label_ids.max() > 255):
+        raise LabelError(f"labelIds must lie in 0..255, got {label_ids.min()}..{label_ids.max()}")
+    return LABEL_ID_TO_TRAIN_ID[label_ids.astype(np.intp)]
+
+
+def colorize(label: np.ndarray) -> np.ndarray:
+    """Train-id map HxW → RGB HxWx3 uint8 with the Cityscapes palette (ignore = black)."""
+    return PALETTE[np.asarray(label).astype(np.uint8)]
+
+
+def _format_ids(ids: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(i)) for i in ids[:limit])
+    return shown + (f", … ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def validate_label(
+    label,
+    name: str,
+    num_classes: int = NUM_CLASSES,
+    expected_shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Check a train-id label map and return it as uint8 HxW.
+
+    label: HxW integer array (or float array holding integers), or a PIL image in mode L/P.
+    name: the file or sample it came from; every error message names it.
+    Allowed ids are 0..num_classes-1 and IGNORE_INDEX (255).
+    expected_shape: (H, W) the label must have, e.g. its image's size.
+    """
+    if hasattr(label, "mode") and hasattr(label, "getbands"):  # PIL image, without importing PIL
+        if label.mode not in ("L", "P"):
+            raise LabelError(
+                f"{name}: label image has mode {label.mode!r}; expected a single-channel "
+                "'L' or 'P' image of train ids (a colour image is not a label map)"
+            )
+        label = np.asarray(label)
+    arr = np.asarray(label)
+    if arr.ndim != 2:
+        raise LabelError(f"{name}: label must be a 2-D HxW array, got shape {arr.shape}")
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise LabelError(f"{name}: label must hold integer ids, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        if not finite.all() or not np.array_equal(arr, np.round(arr)):
+            bad = arr[~finite | (arr != np.round(np.where(finite, arr, 0)))]
+            raise LabelError(
+                f"{name}: float label holds non-integer values (e.g. {bad.flat[0]!r}, "
+                f"{bad.size} pixels); labels are class ids, never interpolate them"
+            )
+    if expected_shape is not None and tuple(arr.shape) != tuple(expected_shape):
+        raise LabelError(
+            f"{name}: label shape {tuple(arr.shape)} does not match expected shape "
+            f"{tuple(expected_shape)}"
+        )
+    ids = np.unique(arr)
+    bad_ids = ids[((ids < 0) | (ids >= num_classes)) & (ids != IGNORE_INDEX)]
+    if bad_ids.size:
+        n_pixels = int(np.isin(arr, bad_ids).sum())
+        raise LabelError(
+            f"{name}: label holds ids outside 0..{num_classes - 1} and {IGNORE_INDEX}: "
+            f"{_format_ids(bad_ids.astype(np.int64))} ({n_pixels} pixels)."
+            + (" Is it a labelIds file that still needs label_ids_to_train_ids?" if num_classes == NUM_CLASSES else "")
+        )
+    return arr.astype(np.uint8)
+
+
+def class_names_present(label: np.ndarray, min_fraction: float = 0.0) -> list[str]:
+    """Names of the train-id classes in label (train-id order), ignoring 255.
+
+    label: HxW train ids. min_fraction: a class counts only if it covers at least this
+    fraction of all pixels (so a caption does not mention a class that is three pixels of noise).
+    """
+    label = np.asarray(label)
+    counts = np.bincount(label.astype(np.intp).ravel(), minlength=256)[:NUM_CLASSES]
+    total = max(label.size, 1)
+    return [CLASS_NAMES[i] for i in range(NUM_CLASSES) if counts[i] > 0 and counts[i] / total >= min_fraction]

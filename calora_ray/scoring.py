@@ -1,0 +1,174 @@
+"""The score job: draw (x_0, noise) samples, accumulate concept sensitivity, select, report.
+
+`score_samples` is the unit of work (a list of sample indices -> SensitivitySums); every sample's
+randomness comes from its own generator seeded by (seed, index), so any split of the indices over
+workers gives the same sums. `run_scoring` is what jobs/score.py calls.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .concepts import Concept, resolve_concept
+from .config import ScoreConfig, to_dict
+from .losses import diffusion_target, noisy_latents
+from .models import (Components, encode_images, encode_prompts, load_components,
+                     model_info, resolve_device, resolve_dtype)
+from .outputs import check_output_dir, staged_output_dir, write_json
+from .plots import plot_scores
+from .selection import select_modules
+from .sensitivity import SensitivitySums, find_candidates, grad_only_for, sample_gradient_norms
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of sample `index`: its x_0 (or VAE draw) first, then its noise."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+def draw_x0(components: Components, indices: list[int], generators: list[torch.Generator], x0: str,
+            prompt: str, resolution: int, steps: int, guidance: float, dataset=None) -> torch.Tensor:
+    """Clean latents x_0 for a batch of sample indices. -> (B, C, h, w)
+
+    'generated': sampled from the base model with the base prompt (output_type='latent');
+    'target': the dataset's images (index modulo its length) encoded by the VAE.
+    """
+    if x0 == "generated":
+        pipe = components.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt=[prompt] * len(indices), height=resolution, width=resolution,
+                    num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                    output_type="latent").images
+    images = [dataset[i % len(dataset)]["image"] for i in indices]
+    return encode_images(components, np.stack(images), generators)
+
+
+def score_samples(components: Components, candidates: dict, concept: Concept, indices: list[int], *,
+                  timestep: int, seed: int, x0: str = "generated", resolution: int = 64,
+                  x0_steps: int = 20, x0_guidance: float = 7.5, batch_size: int = 4, dataset=None,
+                  progress: bool = True) -> SensitivitySums:
+    """Concept sensitivity sums over the samples `indices` (any subset of 0..num_samples-1)."""
+    unet = components.unet
+    device = unet.device
+    scheduler = components.noise_scheduler
+    if not 0 <= timestep < scheduler.config.num_train_timesteps:
+        raise ValueError(f"--timestep {timestep} is outside the model's schedule "
+                         f"(0..{scheduler.config.num_train_timesteps - 1})")
+    names = list(candidates)
+    weights = [candidates[n].weight for n in names]
+    sums = SensitivitySums(names)
+    base = encode_prompts(components, [concept.base_prompt], resolution, resolution)
+    augmented = [encode_prompts(components, [p], resolution, resolution) for p in concept.augmented_prompts]
+    bar = tqdm(total=len(indices), desc=f"scoring '{concept.name}'", unit="sample", disable=not progress)
+    for start in range(0, len(indices), batch_size):
+        batch = list(indices[start:start + batch_size])
+        generators = [sample_generator(seed, i) for i in batch]
+        x0_latents = draw_x0(components, batch, generators, x0, concept.base_prompt, resolution,
+                             x0_steps, x0_guidance, dataset).to(device, unet.dtype)
+        noise = torch.stack([torch.randn(x0_latents.shape[1:], generator=g) for g in generators])
+        noise = noise.to(device, unet.dtype)
+        t = torch.full((len(batch),), timestep, device=device, dtype=torch.long)
+        noisy = noisy_latents(scheduler, x0_latents, noise, t)
+        target = diffusion_target(scheduler, x0_latents, noise, t)
+        with grad_only_for(unet, weights):
+            for j in range(len(batch)):
+                diff_rms, concept_rms = sample_gradient_norms(
+                    unet, weights, noisy[j:j + 1], t[j:j + 1], target[j:j + 1], base, augmented)
+                sums.add(diff_rms, concept_rms)
+                bar.update(1)
+    bar.close()
+    return sums
+
+
+def build_report(cfg: ScoreConfig, components: Components, concept: Concept, candidates: dict,
+                 sums: SensitivitySums, elapsed: float, num_workers: int = 1) -> dict:
+    """sensitivity.json: scores, selection, and everything that produced them."""
+    normalized = sums.scores(normalized=True)
+    unnormalized = sums.scores(normalized=False)
+    params = {n: m.weight.numel() for n, m in candidates.items()}
+    selected = select_modules(cfg.selection_mode, normalized, unnormalized, cfg.top_k_percent,
+                              cfg.k_by, params, cfg.seed)
+    uses_unnormalized = cfg.selection_mode == "unnormalized"
+    return {
+        "concept": concept.name,
+        "base_prompt": concept.base_prompt,
+        "augmented_prompts": list(concept.augmented_prompts),
+        "timestep": cfg.timestep,
+        "num_samples": sums.samples,
+        "num_pairs": sums.count,
+        "top_k_percent": cfg.top_k_percent,
+        "k_by": cfg.k_by,
+        "selection_mode": cfg.selection_mode,
+        "normalized": not uses_unnormalized,
+        "num_candidates": len(candidates),
+        "num_selected": len(selected),
+        "selected": selected,
+        "selected_params": sum(params[n] for n in selected),
+        "candidate_params": sum(params.values()),
+        "scores": unnormalized if uses_unnormalized else normalized,
+        "scores_normalized": normalized,
+        "scores_unnormalized": unnormalized,
+        "diffusion_grad_rms": sums.mean_diffusion_rms(),
+        "param_counts": params,
+        "x0": cfg.x0,
+        "x0_steps": cfg.x0_steps if cfg.x0 == "generated" else None,
+        "x0_guidance": cfg.x0_guidance if cfg.x0 == "generated" else None,
+        "data": cfg.data.data if cfg.x0 == "target" else None,
+        "self_attention_only": cfg.self_attention_only,
+        "resolution": cfg.data.resolution,
+        "seed": cfg.seed,
+        "ratio_eps": sums.eps,
+        "num_workers": num_workers,
+        "model": model_info(components),
+        "elapsed_s": round(elapsed, 3),
+        "calora_ray_version": __version__,
+        "config": to_dict(cfg),
+    }
+
+
+def run_scoring(cfg: ScoreConfig, progress: bool = True) -> Path:
+    """jobs/score.py: validate inputs, score, select, write sensitivity.json + sensitivity.png.
+
+    Every input is checked before the model is loaded, and the output directory appears only
+    once complete. Returns the output directory.
+    """
+    concept = resolve_concept(cfg.concept, cfg.concepts, cfg.base_prompt, cfg.augmented_prompts)
+    check_output_dir(cfg.output, cfg.overwrite)
+    dataset = None
+    if cfg.x0 == "target":
+        from .data import open_dataset
+
+        dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
+                               resolution=cfg.data.resolution, seed=cfg.seed)
+    device = resolve_device(cfg.model.device)
+    components = load_components(cfg.model.model, cfg.model.model_seed)
+    components.to(device, resolve_dtype(cfg.model.mixed_precision, device))
+    _check_resolution(components, cfg.data.resolution)
+    candidates = find_candidates(components.unet, cfg.self_attention_only)
+    started = time.perf_counter()
+    sums = score_samples(components, candidates, concept, list(range(cfg.num_samples)),
+                         timestep=cfg.timestep, seed=cfg.seed, x0=cfg.x0, resolution=cfg.data.resolution,
+                         x0_steps=cfg.x0_steps, x0_guidance=cfg.x0_guidance, batch_size=cfg.batch_size,
+                         dataset=dataset, progress=progress)
+    report = build_report(cfg, components, concept, candidates, sums, time.perf_counter() - started)
+    with staged_output_dir(cfg.output, cfg.overwrite) as staging:
+        write_json(staging / "sensitivity.json", report)
+        plot_scores(report["scores"], report["selected"], staging / "sensitivity.png",
+                    title=f"{'' if report['normalized'] else 'unnormalised '}sensitivity to '{concept.name}' "
+                          f"({cfg.model.model}, t={cfg.timestep}, {sums.samples} samples x "
+                          f"{len(concept.augmented_prompts)} prompts); mode {cfg.selection_mode}, "
+                          f"top {cfg.top_k_percent:g}% by {cfg.k_by}",
+                    ylabel="rms(dL_concept)/rms(dL_diff)" if report["normalized"] else "rms(dL_concept)")
+    return Path(cfg.output)
+
+
+def _check_resolution(components: Components, resolution: int) -> None:
+    multiple = components.vae_scale_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+    if resolution % multiple:
+        raise ValueError(f"--resolution {resolution} must be a multiple of {multiple} for this model "
+                         f"(VAE factor {components.vae_scale_factor} x UNet downsampling)")

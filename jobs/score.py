@@ -1,0 +1,26 @@
+"""Score the concept sensitivity of every attention projection and select the top k%.
+
+    python jobs/score.py --model tiny --data toy --concept style --top-k-percent 2 --output DIR
+    ray job submit --working-dir . -- python jobs/score.py --config jobs/configs/demo.yaml
+
+Writes DIR/sensitivity.json (scores, selection, provenance) and DIR/sensitivity.png.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
+
+from calora_ray.config import ScoreConfig, parse_config  # noqa: E402
+from calora_ray.cli import run_job  # noqa: E402
+from calora_ray.scoring import run_scoring  # noqa: E402
+
+
+def main(argv=None):
+    cfg = parse_config(ScoreConfig, argv, job="score", description=__doc__)
+    out = run_job(run_scoring, cfg)
+    print(f"report: {out / 'sensitivity.json'}\nplot:   {out / 'sensitivity.png'}")
+
+
+if __name__ == "__main__":
+    main()
