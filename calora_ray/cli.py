@@ -11,10 +11,27 @@ import os
 import sys
 import warnings
 
+from .distributed import ClusterResourceError
 from .models import ModelLoadError
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
-               ModelLoadError)
+               ModelLoadError, ClusterResourceError)
+
+
+def user_error(e: BaseException) -> BaseException | None:
+    """The user-input error behind `e`: itself, its cause, or what a Ray Train worker raised."""
+    seen = set()
+    stack = [e]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, USER_ERRORS):
+            return err
+        stack.extend(getattr(err, "worker_failures", {}).values())  # ray.train WorkerGroupError
+        stack.extend([err.__cause__, getattr(err, "controller_failure", None)])
+    return None
 
 
 def quiet_libraries() -> None:
@@ -39,8 +56,9 @@ def run_job(fn, cfg, **kwargs):
     quiet_libraries()
     try:
         return fn(cfg, **kwargs)
-    except USER_ERRORS as e:
-        if os.environ.get("CALORA_DEBUG") == "1":
+    except Exception as e:
+        cause = user_error(e)
+        if cause is None or os.environ.get("CALORA_DEBUG") == "1":
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)

@@ -48,8 +48,6 @@ class ModelConfig:
         "a local diffusers directory, or a Hugging Face hub id such as "
         "'stable-diffusion-v1-5/stable-diffusion-v1-5'."))
     model_seed: int = field(default=0, metadata=_help("Seed of the weights of the 'tiny' presets."))
-    device: str = field(default="auto", metadata=_help(
-        "Torch device: 'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ..."))
     mixed_precision: str = field(default="no", metadata=_help(
         "Compute dtype of the frozen base model on CUDA: 'no' (fp32), 'fp16' or 'bf16'. "
         "Ignored on CPU (always fp32). Trainable LoRA weights stay fp32.",
@@ -57,6 +55,38 @@ class ModelConfig:
 
     def __post_init__(self):
         check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+
+
+@dataclass
+class DistributedConfig:
+    num_workers: int = field(default=1, metadata=_help(
+        "Ray Train workers (processes; one GPU each with --use-gpu). Scoring splits the samples "
+        "over them; fine-tuning shards the data and averages the LoRA gradients."))
+    use_gpu: str = field(default="auto", metadata=_help(
+        "'auto' (a GPU per worker when the cluster has them, else CPU), 'true' or 'false'.",
+        choices=("auto", "true", "false")))
+    cpus_per_worker: int | None = field(default=None, metadata=_help(
+        "CPUs reserved per worker; default: the cluster's CPUs divided by --num-workers."))
+    storage_path: str | None = field(default=None, metadata=_help(
+        "Where Ray Train keeps the run state and checkpoints: a local directory or any URI pyarrow "
+        "or fsspec understands (s3://, gs://, ...; needed for multi-node resume). Default: the "
+        "output directory for fine-tuning, a temporary directory for scoring."))
+    max_failures: int = field(default=2, metadata=_help(
+        "Restarts from the latest checkpoint after a worker fails (FailureConfig)."))
+    resource_wait_s: float = field(default=60.0, metadata=_help(
+        "How long to wait for the cluster (e.g. an autoscaler) to offer the requested CPUs/GPUs "
+        "before failing with a clear error."))
+
+    def __post_init__(self):
+        check_choice("use_gpu", self.use_gpu, ("auto", "true", "false"))
+        if self.num_workers < 1:
+            raise ConfigError(f"--num-workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
+            raise ConfigError(f"--cpus-per-worker must be >= 1, got {self.cpus_per_worker}")
+        if self.max_failures < 0:
+            raise ConfigError(f"--max-failures must be >= 0, got {self.max_failures}")
+        if self.resource_wait_s < 0:
+            raise ConfigError(f"--resource-wait-s must be >= 0, got {self.resource_wait_s}")
 
 
 @dataclass
@@ -88,6 +118,7 @@ class ScoreConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     concept: str = field(default="style", metadata=_help(
         "Concept whose sensitivity is scored: 'style', 'viewpoint', or a concept defined under "
         "'concepts:' in the YAML config (or by --base-prompt/--augmented-prompts)."))
@@ -141,37 +172,83 @@ class ScoreConfig:
 
 
 @dataclass
+class TrainingConfig:
+    """The shared training loop's knobs (LoRA fine-tuning here; the ControlNet job reuses them)."""
+
+    steps: int = field(default=1000, metadata=_help("Optimizer steps (paper: 10k)."))
+    batch_size: int = field(default=4, metadata=_help("Images per worker per micro-batch."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help(
+        "Micro-batches per optimizer step (effective batch = batch_size x this x num_workers)."))
+    learning_rate: float = field(default=1e-4, metadata=_help("AdamW learning rate (paper: 1e-4)."))
+    weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay."))
+    lr_scheduler: str = field(default="constant", metadata=_help(
+        "Learning-rate schedule (diffusers.optimization.get_scheduler).",
+        choices=("constant", "constant_with_warmup", "linear", "cosine")))
+    lr_warmup_steps: int = field(default=0, metadata=_help("Warm-up steps of the schedule."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "Recompute UNet activations in the backward pass: less memory, ~30%% more time."))
+    seed: int = field(default=0, metadata=_help(
+        "Seed of LoRA init, batches, noise and timesteps; each step's draws derive from "
+        "(seed, worker rank, step), so a resumed run continues exactly as an uninterrupted one."))
+    log_every: int = field(default=10, metadata=_help("Log and record the loss every N steps."))
+    checkpoint_every: int = field(default=100, metadata=_help(
+        "Save a checkpoint (adapter, optimizer, schedule, step) every N steps, and at the end."))
+    report_to: str = field(default="none", metadata=_help(
+        "'tensorboard' writes loss, learning rate, throughput and validation images under "
+        "OUTPUT/logs (on the rank-0 worker's disk); 'none' writes none.",
+        choices=("none", "tensorboard")))
+    validation_every: int = field(default=0, metadata=_help(
+        "Every N steps sample the --validation-prompts into OUTPUT/logs/validation (0 = never)."))
+    validation_prompts: list[str] = field(default_factory=lambda: [
+        "Photorealistic first-person urban street view",
+        "Photorealistic first-person urban street view at night"], metadata=_help(
+        "Prompts of the validation images."))
+    validation_steps: int = field(default=20, metadata=_help("Sampling steps of the validation images."))
+    simulate_failure_at_step: int | None = field(default=None, metadata=_help(
+        "Testing: the last worker raises at this step on the first attempt (no checkpoint yet "
+        "restored), to exercise FailureConfig restarts."))
+
+    def __post_init__(self):
+        check_choice("report_to", self.report_to, ("none", "tensorboard"))
+        check_choice("lr_scheduler", self.lr_scheduler, ("constant", "constant_with_warmup", "linear", "cosine"))
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_every",
+                     "validation_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_warmup_steps", "validation_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass
 class FinetuneConfig:
     """jobs/finetune.py: LoRA on the selected projections, trained with the diffusion loss."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(data="toy:target"))
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     selection: str = field(default="all", metadata=_help(
         "Which projections get LoRA: a sensitivity.json written by jobs/score.py (its 'selected' "
         "list), or 'all' (every candidate projection = plain LoRA)."))
     rank: int = field(default=64, metadata=_help("LoRA rank r (paper: 64; the tiny model: 4)."))
     alpha: float | None = field(default=None, metadata=_help("LoRA alpha; default: equal to --rank."))
-    steps: int = field(default=1000, metadata=_help("Optimizer steps (paper: 10k)."))
-    batch_size: int = field(default=4, metadata=_help("Images per step."))
-    learning_rate: float = field(default=1e-4, metadata=_help("AdamW learning rate (paper: 1e-4)."))
-    weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay."))
     caption: str = field(default="Photorealistic first-person urban street view", metadata=_help(
         "Caption of every training image (the concept's base prompt)."))
     caption_with_classes: bool = field(default=False, metadata=_help(
         "Append ' with {class names}' (the classes present in each label) to the caption."))
-    seed: int = field(default=0, metadata=_help("Seed of LoRA init, batches, noise and timesteps."))
-    log_every: int = field(default=10, metadata=_help("Record the loss every N steps."))
     output: str = field(default="outputs/finetune", metadata=_help(
-        "Output directory: pytorch_lora_weights.safetensors (diffusers format), finetune.json, "
-        "loss.csv, loss.png."))
-    overwrite: bool = field(default=False, metadata=_help("Replace an existing output directory."))
+        "Output (and run) directory: pytorch_lora_weights.safetensors (diffusers format), "
+        "finetune.json, loss.csv, loss.png; checkpoints under ray_train/ unless --storage-path. "
+        "Running again with the same output resumes from the latest checkpoint."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Delete the output directory (and its checkpoints) first and start over."))
 
     def __post_init__(self):
-        for name in ("rank", "steps", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.rank < 1:
+            raise ConfigError(f"--rank must be >= 1, got {self.rank}")
         if self.alpha is not None and self.alpha <= 0:
             raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
 

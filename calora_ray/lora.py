@@ -37,7 +37,7 @@ def read_selection(path: str | Path) -> list[str]:
     return selected
 
 
-def check_modules(unet: nn.Module, names: list[str], candidates: dict[str, nn.Module], source: str) -> None:
+def check_modules(names: list[str], candidates: dict[str, nn.Module], source: str) -> None:
     """Every name must be a candidate projection of this UNet; else name the strangers."""
     unknown = [n for n in names if n not in candidates]
     if unknown:

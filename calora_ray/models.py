@@ -7,6 +7,7 @@ downstream asks which preset it got. `toy-sd` is just a local diffusers director
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -50,9 +51,9 @@ class Components:
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
 
-    @property
+    @functools.cached_property
     def noise_scheduler(self):
-        """The training-time DDPM view of the same noise schedule."""
+        """The training-time DDPM view of the same noise schedule (built once)."""
         from diffusers import DDPMScheduler
 
         return DDPMScheduler.from_config(self.scheduler.config)
@@ -251,32 +252,63 @@ _HINT = ("pass --model tiny (random test model), --model toy-sd (the project's p
          "local diffusers directory (e.g. one written by save_pretrained) or a reachable hub id")
 
 
-def _load_local_or_hub(model: str, target: str) -> Components:
+def _load_local_or_hub(model: str, target: str, load=None):
+    """`load(target, local_only)` for a local directory or a hub id, with errors that say what to pass."""
+    load = load or _load_pretrained
     if os.path.exists(target):
         if not (Path(target) / "model_index.json").is_file():
             raise ModelLoadError(
                 f"--model {model}: {target} is not a diffusers model directory (no model_index.json; "
                 f"expected unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
         try:
-            return _load_pretrained(target, local_only=True)
+            return load(target, local_only=True)
         except Exception as e:  # noqa: BLE001 - whatever broke, the directory is not usable
             raise ModelLoadError(f"--model {model}: could not load the diffusers directory {target}: {e}") from e
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", target) or ".." in target:
         raise ModelLoadError(f"--model {model}: not a local directory (no such path) and not a hub id; {_HINT}")
     try:
         # The local cache first: an offline machine with the weights cached needs no network.
-        return _load_pretrained(target, local_only=True)
+        return load(target, local_only=True)
     except Exception as cache_error:  # noqa: BLE001
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ModelLoadError(f"--model {model}: not a local directory, and the hub id is not in the local "
                                  f"cache (HF_HUB_OFFLINE=1); {_HINT}") from cache_error
     try:
         _check_hub_reachable(model)
-        return _load_pretrained(target, local_only=False)
+        return load(target, local_only=False)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(
             f"--model {model}: not a local directory, and the hub id could not be loaded "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); without network access {_HINT}") from e
+
+
+TINY_PRESETS = ("tiny", "tiny-sdxl")
+
+
+def _target(model: str) -> str:
+    """The path or hub id behind --model (presets resolved)."""
+    if model != "toy-sd":
+        return model
+    if not (TOY_SD_DIR / "model_index.json").is_file():
+        raise ModelLoadError(f"--model toy-sd: the pretrained toy model is not in this checkout ({TOY_SD_DIR} "
+                             f"has no model_index.json); {_HINT}")
+    return str(TOY_SD_DIR)
+
+
+def load_unet_skeleton(model: str, seed: int = 0) -> torch.nn.Module:
+    """The UNet's module tree without its weights (meta device): enough to list and check the
+    candidate projections in a job's driver before any worker loads the real model."""
+    from diffusers import UNet2DConditionModel
+
+    if model in TINY_PRESETS:
+        return build_tiny(seed, sdxl=model == "tiny-sdxl").unet
+
+    def load(target, local_only):
+        config = UNet2DConditionModel.load_config(target, subfolder="unet", local_files_only=local_only)
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+
+    return _load_local_or_hub(model, _target(model), load)
 
 
 def load_components(model: str, seed: int = 0) -> Components:
@@ -285,15 +317,10 @@ def load_components(model: str, seed: int = 0) -> Components:
     'tiny' / 'tiny-sdxl' are built from `seed`; 'toy-sd' is the committed toy model directory;
     anything else is a local diffusers directory or a hub id loaded with `from_pretrained`.
     """
-    if model in ("tiny", "tiny-sdxl"):
+    if model in TINY_PRESETS:
         components = build_tiny(seed, sdxl=model == "tiny-sdxl")
     else:
-        target = str(TOY_SD_DIR) if model == "toy-sd" else model
-        if model == "toy-sd" and not (TOY_SD_DIR / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"--model toy-sd: the pretrained toy model is not in this checkout ({TOY_SD_DIR} has "
-                f"no model_index.json); {_HINT}")
-        components = _load_local_or_hub(model, target)
+        components = _load_local_or_hub(model, _target(model))
         components.name = model
     for m in (components.unet, components.vae, components.text_encoder, components.text_encoder_2):
         if m is not None:

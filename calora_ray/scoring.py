@@ -7,7 +7,10 @@ workers gives the same sums. `run_scoring` is what jobs/score.py calls.
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +21,7 @@ from . import __version__
 from .concepts import Concept, resolve_concept
 from .config import ScoreConfig, to_dict
 from .losses import diffusion_target, noisy_latents
-from .models import (Components, encode_images, encode_prompts, load_components,
-                     model_info, resolve_device, resolve_dtype)
+from .models import Components, encode_images, encode_prompts, load_components, model_info, resolve_dtype
 from .outputs import check_output_dir, staged_output_dir, write_json
 from .plots import plot_scores
 from .selection import select_modules
@@ -131,40 +133,95 @@ def build_report(cfg: ScoreConfig, components: Components, concept: Concept, can
     }
 
 
-def run_scoring(cfg: ScoreConfig, progress: bool = True) -> Path:
-    """jobs/score.py: validate inputs, score, select, write sensitivity.json + sensitivity.png.
+def shard_indices(num_samples: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Worker `rank`'s samples: whole batches dealt round-robin, so every batch holds the same
+    samples whatever the number of workers (and the sums equal the single-process ones)."""
+    batches = [list(range(s, min(s + batch_size, num_samples))) for s in range(0, num_samples, batch_size)]
+    return [i for b in batches[rank::world] for i in b]
 
-    Every input is checked before the model is loaded, and the output directory appears only
-    once complete. Returns the output directory.
-    """
+
+def prepare_scoring(cfg: ScoreConfig, device: torch.device):
+    """Load everything a scoring worker needs: (components, candidates, concept, dataset)."""
     concept = resolve_concept(cfg.concept, cfg.concepts, cfg.base_prompt, cfg.augmented_prompts)
-    check_output_dir(cfg.output, cfg.overwrite)
     dataset = None
     if cfg.x0 == "target":
         from .data import open_dataset
 
         dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
                                resolution=cfg.data.resolution, seed=cfg.seed)
-    device = resolve_device(cfg.model.device)
     components = load_components(cfg.model.model, cfg.model.model_seed)
     components.to(device, resolve_dtype(cfg.model.mixed_precision, device))
     _check_resolution(components, cfg.data.resolution)
-    candidates = find_candidates(components.unet, cfg.self_attention_only)
+    return components, find_candidates(components.unet, cfg.self_attention_only), concept, dataset
+
+
+def score_worker(config: dict) -> None:
+    """One Ray Train worker: score its shard, all-reduce the sums; rank 0 reports the report."""
+    from .distributed import rank_and_world, ray_report, set_worker_threads, worker_device
+
+    cfg: ScoreConfig = config["cfg"]
+    set_worker_threads()
+    rank, world = rank_and_world()
+    device = worker_device()
+    components, candidates, concept, dataset = prepare_scoring(cfg, device)
     started = time.perf_counter()
-    sums = score_samples(components, candidates, concept, list(range(cfg.num_samples)),
+    sums = score_samples(components, candidates, concept, shard_indices(cfg.num_samples, cfg.batch_size, rank, world),
                          timestep=cfg.timestep, seed=cfg.seed, x0=cfg.x0, resolution=cfg.data.resolution,
                          x0_steps=cfg.x0_steps, x0_guidance=cfg.x0_guidance, batch_size=cfg.batch_size,
-                         dataset=dataset, progress=progress)
-    report = build_report(cfg, components, concept, candidates, sums, time.perf_counter() - started)
+                         dataset=dataset, progress=rank == 0)
+    sums = sums.all_reduce(device)
+    report = build_report(cfg, components, concept, candidates, sums, time.perf_counter() - started, world)
+    report["device"] = str(device)
+    # Ray hands results back through checkpoints (stored under the run's storage path).
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            write_json(Path(tmp) / "sensitivity.json", report)
+        ray_report({"num_pairs": sums.count}, tmp if rank == 0 else None)
+
+
+def run_scoring(cfg: ScoreConfig) -> Path:
+    """jobs/score.py: validate inputs, score on Ray Train workers, write sensitivity.json + .png.
+
+    Cheap inputs (concept, output, data, storage) are checked before Ray starts, and the output
+    directory appears only once complete. Returns the output directory.
+    """
+    from .distributed import check_storage_path, run_trainer
+
+    from .models import load_unet_skeleton
+
+    resolve_concept(cfg.concept, cfg.concepts, cfg.base_prompt, cfg.augmented_prompts)
+    check_output_dir(cfg.output, cfg.overwrite)
+    find_candidates(load_unet_skeleton(cfg.model.model, cfg.model.model_seed), cfg.self_attention_only)
+    if cfg.x0 == "target":
+        from .data import open_dataset
+
+        open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
+                     resolution=cfg.data.resolution, seed=cfg.seed)[0]
+    dist_cfg = cfg.distributed
+    with tempfile.TemporaryDirectory(prefix="calora-score-") as scratch:
+        storage = check_storage_path(dist_cfg.storage_path or scratch)
+        result = run_trainer(score_worker, {"cfg": cfg}, name=f"score-{uuid.uuid4().hex[:8]}", storage_path=storage,
+                             num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
+                             cpus_per_worker=dist_cfg.cpus_per_worker, max_failures=dist_cfg.max_failures,
+                             resource_wait_s=dist_cfg.resource_wait_s, num_to_keep=None)
+        if result.error is not None:
+            raise result.error
+        with result.checkpoint.as_directory() as d:
+            report = json.loads((Path(d) / "sensitivity.json").read_text())
+    write_score_outputs(cfg, report)
+    return Path(cfg.output)
+
+
+def write_score_outputs(cfg: ScoreConfig, report: dict) -> None:
+    """sensitivity.json and sensitivity.png, written into place together."""
     with staged_output_dir(cfg.output, cfg.overwrite) as staging:
         write_json(staging / "sensitivity.json", report)
         plot_scores(report["scores"], report["selected"], staging / "sensitivity.png",
-                    title=f"{'' if report['normalized'] else 'unnormalised '}sensitivity to '{concept.name}' "
-                          f"({cfg.model.model}, t={cfg.timestep}, {sums.samples} samples x "
-                          f"{len(concept.augmented_prompts)} prompts); mode {cfg.selection_mode}, "
+                    title=f"{'' if report['normalized'] else 'unnormalised '}sensitivity to '{report['concept']}' "
+                          f"({cfg.model.model}, t={cfg.timestep}, {report['num_samples']} samples x "
+                          f"{len(report['augmented_prompts'])} prompts); mode {cfg.selection_mode}, "
                           f"top {cfg.top_k_percent:g}% by {cfg.k_by}",
                     ylabel="rms(dL_concept)/rms(dL_diff)" if report["normalized"] else "rms(dL_concept)")
-    return Path(cfg.output)
 
 
 def _check_resolution(components: Components, resolution: int) -> None:

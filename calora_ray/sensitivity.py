@@ -138,6 +138,17 @@ class SensitivitySums:
                                self.concept_sum + other.concept_sum, self.diff_sum + other.diff_sum,
                                self.count + other.count, self.samples + other.samples, self.eps)
 
+    def all_reduce(self, device: torch.device) -> "SensitivitySums":
+        """The sums over every worker (torch.distributed); itself in a single process."""
+        from .distributed import all_reduce_sum
+
+        packed = torch.cat([self.ratio_sum, self.concept_sum, self.diff_sum,
+                            torch.tensor([self.count, self.samples], dtype=torch.float64)]).to(device)
+        packed = all_reduce_sum(packed).cpu()
+        m = len(self.names)
+        return SensitivitySums(self.names, packed[:m], packed[m:2 * m], packed[2 * m:3 * m],
+                               int(packed[3 * m]), int(packed[3 * m + 1]), self.eps)
+
     def scores(self, normalized: bool = True) -> dict[str, float]:
         """Mean score per module: the ratio (normalised) or the concept gradient RMS alone."""
         if self.count == 0:

@@ -1,30 +1,58 @@
-"""The fine-tuning loop: LoRA on the selected projections, trained with the diffusion loss.
+"""One training loop for every fine-tuning (LoRA here; the segmentation ControlNet reuses it).
 
-`diffusion_step_loss` is one step's loss on a batch (plain torch); `train_lora` is the loop
-(one copy, used by jobs/finetune.py); `run_finetune` validates inputs, runs it and writes the
-diffusers-format adapter, the loss curve and a report.
+- `TrainingTask`: what is trained — the trainable parameters, the loss of a batch, and how to
+  save them. `lora_task` builds the CA-LoRA one; a ControlNet task is a second small builder.
+- `train`: the loop (plain torch). Sharded data, gradient accumulation, LoRA-only gradient
+  all-reduce, mixed precision on CUDA, a learning-rate schedule, checkpoints, logs, validation.
+  In a single process it is an ordinary function; under Ray Train the same function runs in
+  every worker and hands its checkpoints to `report`.
+- `finetune_worker` / `run_finetune`: the Ray Train adapter and the jobs/finetune.py driver.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
 from . import __version__
-from .config import FinetuneConfig, to_dict
+from .config import FinetuneConfig, TrainingConfig, to_dict
+from .distributed import all_reduce_gradients, all_reduce_sum, rank_and_world
 from .losses import diffusion_loss, diffusion_target, noisy_latents
-from .lora import (LORA_WEIGHT_NAME, attach_lora, check_modules, file_sha256, read_selection, save_lora,
-                   trainable_modules)
-from .models import (Components, encode_images, encode_prompts, load_components, model_info, resolve_device,
-                     resolve_dtype)
-from .outputs import check_output_dir, staged_output_dir, write_json
+from .lora import LORA_WEIGHT_NAME, attach_lora, check_modules, file_sha256, read_selection, save_lora
+from .models import Components, encode_images, encode_prompts, load_components, resolve_dtype
 from .plots import plot_loss
 from .sensitivity import find_candidates
+
+STATE_FILE = "training_state.pt"
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+@dataclass
+class TrainingTask:
+    """What the loop trains: two model setups (LoRA, ControlNet) share one loop."""
+
+    components: Components
+    params: list[nn.Parameter]  # the trainable ones (fp32)
+    module: nn.Module  # put in train()/eval() mode around steps and validation
+    compute_loss: Callable[[list[dict], torch.Generator], torch.Tensor]  # batch items -> loss
+    state_dict: Callable[[], dict[str, torch.Tensor]]  # trainable weights, for checkpoints
+    load_state_dict: Callable[[dict[str, torch.Tensor]], None]
+    save_final: Callable[[Path], Path]  # the user-facing artefact (diffusers format)
 
 
 def captions_for(labels: list[np.ndarray], caption: str, with_classes: bool) -> list[str]:
@@ -48,11 +76,10 @@ def diffusion_step_loss(components: Components, latents: torch.Tensor, cond: dic
     latents: (B, C, h, w) clean x_0; cond: UNet conditioning kwargs with B rows.
     """
     scheduler = components.noise_scheduler
-    unet = components.unet
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     t = t.to(latents.device)
-    pred = unet(noisy_latents(scheduler, latents, noise, t), t, **cond).sample
+    pred = components.unet(noisy_latents(scheduler, latents, noise, t), t, **cond).sample
     return diffusion_loss(pred, diffusion_target(scheduler, latents, noise, t))
 
 
@@ -64,105 +91,324 @@ def _stack_cond(conds: list[dict]) -> dict:
     return out
 
 
-def train_lora(components: Components, dataset, *, steps: int, batch_size: int, learning_rate: float,
-               weight_decay: float = 1e-2, caption: str, caption_with_classes: bool = False, seed: int = 0,
-               log_every: int = 10, progress: bool = True) -> list[tuple[int, float]]:
-    """Train the UNet's trainable (LoRA) parameters for `steps` AdamW steps; returns [(step, loss)].
-
-    Batches are drawn with replacement from `dataset` by a seeded generator; the same generator
-    draws VAE samples, noise and timesteps, so a run is reproducible from `seed`.
-    """
+def lora_task(components: Components, modules: list[str], rank: int, alpha: float, *, caption: str,
+              caption_with_classes: bool = False, seed: int = 0, gradient_checkpointing: bool = False) -> TrainingTask:
+    """CA-LoRA: adapters on exactly `modules` of the frozen UNet, trained with L_diff on captioned images."""
     unet = components.unet
-    params = [p for p in unet.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the UNet has no trainable parameters: attach LoRA first")
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    resolution = dataset[0]["image"].shape[0]
+    torch.manual_seed(seed)  # peft draws the LoRA init from the global generator: same on every worker
+    attach_lora(unet, modules, rank, alpha)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     cache: dict[str, dict] = {}
 
-    def condition(prompts):
+    def compute_loss(items: list[dict], generator: torch.Generator) -> torch.Tensor:
+        size = items[0]["image"].shape[0]
+        prompts = captions_for([it["label"] for it in items], caption, caption_with_classes)
         for p in set(prompts) - cache.keys():
-            cache[p] = encode_prompts(components, [p], resolution, resolution)
-        return _stack_cond([cache[p] for p in prompts])
-
-    history: list[tuple[int, float]] = []
-    unet.train()
-    bar = tqdm(range(1, steps + 1), desc="fine-tuning", unit="step", disable=not progress)
-    started = time.perf_counter()
-    for step in bar:
-        idx = torch.randint(0, len(dataset), (batch_size,), generator=generator).tolist()
-        items = [dataset[i] for i in idx]
+            cache[p] = encode_prompts(components, [p], size, size)
         latents = encode_images(components, np.stack([it["image"] for it in items]), generator)
-        cond = condition(captions_for([it["label"] for it in items], caption, caption_with_classes))
-        loss = diffusion_step_loss(components, latents, cond, generator)
+        return diffusion_step_loss(components, latents, _stack_cond([cache[p] for p in prompts]), generator)
+
+    def state_dict():
+        return {n: p.detach().cpu().clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+    def load_state_dict(state):
+        params = dict(unet.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    return TrainingTask(components=components, params=[p for p in unet.parameters() if p.requires_grad],
+                        module=unet, compute_loss=compute_loss, state_dict=state_dict,
+                        load_state_dict=load_state_dict, save_final=lambda d: save_lora(components, unet, d))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """All randomness of one step on one worker: resuming at step N replays steps N+1... exactly."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) % (2**63))
+
+
+def save_checkpoint(directory: Path, task: TrainingTask, optimizer, lr_scheduler, step: int,
+                    history: list[dict], seed: int) -> None:
+    """Trainable weights + optimizer + schedule + step + loss history (+ the final artefact format,
+    so any checkpoint directory also loads into a stock pipeline)."""
+    torch.save({"step": step, "weights": task.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(), "history": history,
+                # every draw of step s on rank r comes from step_generator(seed, r, s): the seed is
+                # the whole RNG state a resume needs.
+                "rng": {"scheme": "step_generator(seed, rank, step)", "seed": seed}},
+               directory / STATE_FILE)
+    task.save_final(directory)
+
+
+def _log(message: str) -> None:
+    # Not print(): Ray Train patches print() in workers to also log it, and each line shows twice.
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def train(task: TrainingTask, dataset, tc: TrainingConfig, *, device: torch.device,
+          mixed_precision: str = "no", resume_from: Path | None = None,
+          report: Callable[[dict, Path | None], None] | None = None, log_dir: Path | None = None,
+          quiet: bool = False) -> list[dict]:
+    """Train `task` for `tc.steps` optimizer steps; returns the loss history [{step, loss, lr}].
+
+    Each worker (rank r of W, from torch.distributed) draws batches from its shard
+    dataset[r::W]; the LoRA gradients are averaged across workers before every optimizer step.
+    Every `checkpoint_every` steps and at the end, all workers call `report(metrics, dir)` (rank 0
+    with a checkpoint directory, the others with None), as ray.train.report requires.
+    """
+    from diffusers.optimization import get_scheduler
+
+    rank, world = rank_and_world()
+    optimizer = torch.optim.AdamW(task.params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps,
+                                 num_training_steps=tc.steps)
+    start, history = 0, []
+    if resume_from is not None:
+        state = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=False)
+        task.load_state_dict(state["weights"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        start, history = state["step"], state["history"]
+        if rank == 0 and not quiet:
+            _log(f"resumed from step {start} ({resume_from.name})")
+    shard = list(range(rank, len(dataset), world)) or list(range(len(dataset)))
+    use_amp = device.type == "cuda" and mixed_precision != "no"
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    writer = None
+    if rank == 0 and tc.report_to == "tensorboard" and log_dir is not None:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(str(log_dir))
+    images_per_step = tc.batch_size * tc.gradient_accumulation_steps * world
+    started, started_step = time.perf_counter(), start
+    task.module.train()
+    for step in range(start + 1, tc.steps + 1):
+        generator = step_generator(tc.seed, rank, step)
+        step_loss = torch.zeros((), device=device)
+        for _ in range(tc.gradient_accumulation_steps):
+            picks = torch.randint(0, len(shard), (tc.batch_size,), generator=generator).tolist()
+            items = [dataset[shard[i]] for i in picks]
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                loss = task.compute_loss(items, generator) / tc.gradient_accumulation_steps
+            scaler.scale(loss).backward()
+            step_loss += loss.detach().float()
+        if tc.simulate_failure_at_step == step and resume_from is None and rank == world - 1:
+            raise RuntimeError(f"simulated worker failure at step {step} (--simulate-failure-at-step)")
+        scaler.unscale_(optimizer)
+        all_reduce_gradients(task.params)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % log_every == 0 or step == steps or step == 1:
-            history.append((step, float(loss)))
-            bar.set_postfix(loss=f"{float(loss):.4f}",
-                            img_s=f"{step * batch_size / (time.perf_counter() - started):.1f}")
-    unet.eval()
+        mean_loss = float(all_reduce_sum(step_loss.reshape(1)).item() / world)
+        lr = lr_scheduler.get_last_lr()[0]
+        if step % tc.log_every == 0 or step in (1, tc.steps):
+            elapsed = time.perf_counter() - started
+            history.append({"step": step, "loss": mean_loss, "lr": lr, "elapsed_s": round(elapsed, 4)})
+            rate = (step - started_step) / elapsed if elapsed > 0 else 0.0
+            if rank == 0 and not quiet:
+                eta = (tc.steps - step) / rate if rate > 0 else float("nan")
+                _log(f"step {step}/{tc.steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
+                     f"{rate * images_per_step:.1f} img/s  ETA {eta:.0f} s")
+            if writer is not None:
+                writer.add_scalar("train/loss", mean_loss, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/images_per_s", rate * images_per_step, step)
+        if rank == 0 and log_dir is not None and tc.validation_every and step % tc.validation_every == 0:
+            validate(task, tc, step, log_dir, writer)
+        if report is not None and (step % tc.checkpoint_every == 0 or step == tc.steps):
+            with tempfile.TemporaryDirectory(prefix="calora-ckpt-") as tmp:
+                if rank == 0:
+                    save_checkpoint(Path(tmp), task, optimizer, lr_scheduler, step, history, tc.seed)
+                report({"step": step, "loss": mean_loss}, Path(tmp) if rank == 0 else None)
+    task.module.eval()
+    if writer is not None:
+        writer.close()
     return history
 
 
-def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
-    """jobs/finetune.py: LoRA on the selection, trained on --data; writes the adapter and reports.
+@torch.no_grad()
+def validate(task: TrainingTask, tc: TrainingConfig, step: int, log_dir: Path, writer=None) -> Path:
+    """Sample the validation prompts with the current weights; a labelled grid PNG under log_dir."""
+    from PIL import Image, ImageDraw
 
-    Inputs (selection file, data, output) are validated before the model is loaded; the output
-    directory appears only once complete.
-    """
-    check_output_dir(cfg.output, cfg.overwrite)
-    selection = None if cfg.selection == "all" else read_selection(cfg.selection)
+    task.module.eval()
+    pipe = task.components.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    size = task.components.unet.config.sample_size * task.components.vae_scale_factor
+    images = [pipe(p, num_inference_steps=tc.validation_steps, height=size, width=size,
+                   generator=torch.Generator().manual_seed(tc.seed)).images[0] for p in tc.validation_prompts]
+    task.module.train()
+    cell = max(128, size)
+    grid = Image.new("RGB", (cell * len(images), cell + 14), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, prompt) in enumerate(zip(images, tc.validation_prompts)):
+        grid.paste(img.resize((cell, cell), Image.NEAREST), (i * cell, 14))
+        draw.text((i * cell + 2, 1), prompt[: cell // 6], fill="black")
+    out = log_dir / "validation" / f"step_{step:06d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    if writer is not None:
+        writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    return out
+
+
+# ----------------------------------------------------------------------------- Ray Train + the job
+
+
+def finetune_worker(config: dict) -> None:
+    """One Ray Train worker of jobs/finetune.py: the same `train` as the single-process path."""
+    from .cli import quiet_libraries
     from .data import open_dataset
+    from .distributed import ray_latest_checkpoint, ray_report, set_worker_threads, worker_device
 
-    dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
-                           resolution=cfg.data.resolution, seed=0)
-    # Read every pair once now: a bad label fails in seconds, naming its file, not mid-training.
-    for i in tqdm(range(len(dataset)), desc="checking data", unit="image", disable=not progress or len(dataset) < 100):
-        dataset[i]
-    device = resolve_device(cfg.model.device)
+    quiet_libraries()
+    set_worker_threads()
+    cfg: FinetuneConfig = config["cfg"]
+    device = worker_device()
     components = load_components(cfg.model.model, cfg.model.model_seed)
     components.to(device, resolve_dtype(cfg.model.mixed_precision, device))
-    candidates = find_candidates(components.unet)
+    task = lora_task(components, config["modules"], cfg.rank, cfg.lora_alpha, caption=cfg.caption,
+                     caption_with_classes=cfg.caption_with_classes, seed=cfg.training.seed,
+                     gradient_checkpointing=cfg.training.gradient_checkpointing)
+    dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
+                           resolution=cfg.data.resolution, seed=0)
+    resume_from = ray_latest_checkpoint()
+    try:
+        train(task, dataset, cfg.training, device=device, mixed_precision=cfg.model.mixed_precision,
+              resume_from=resume_from, report=ray_report, log_dir=Path(cfg.output) / "logs")
+    finally:
+        if resume_from is not None:
+            shutil.rmtree(resume_from, ignore_errors=True)
+
+
+# What defines a run: a rerun with the same output resumes only if these agree.
+RUN_IDENTITY = ("model", "model_seed", "data", "split", "num_images", "resolution", "rank", "alpha", "caption",
+                "caption_with_classes", "seed", "batch_size", "gradient_accumulation_steps", "learning_rate",
+                "weight_decay", "lr_scheduler", "lr_warmup_steps")
+
+
+def prepare_run_dir(cfg: FinetuneConfig, modules: list[str]) -> Path:
+    """The output doubles as the run directory: new, or the same run again (resume), or an error."""
+    output = Path(cfg.output)
+    identity = {k: v for k, v in to_dict(cfg).items() if k in RUN_IDENTITY} | {"modules": modules}
+    record = output / "run_config.json"
+    if cfg.overwrite and output.exists():
+        shutil.rmtree(output)
+    if output.exists() and any(output.iterdir()):
+        if not record.is_file():
+            raise FileExistsError(f"--output {output}: directory exists and is not a calora_ray fine-tuning run "
+                                  f"(no run_config.json); pass --overwrite or choose another --output")
+        previous = json.loads(record.read_text())
+        changed = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
+        if changed:
+            raise ValueError(f"--output {output} holds a run with a different configuration ({', '.join(changed)} "
+                             f"differ), so it cannot be resumed; pass --overwrite to start over or choose "
+                             f"another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    _atomic_write(record, json.dumps(identity, indent=2) + "\n")
+    return output
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def run_finetune(cfg: FinetuneConfig) -> Path:
+    """jobs/finetune.py: check inputs, train on Ray Train workers, write the adapter and reports.
+
+    The selection, data, model and storage are checked before Ray starts, so bad input leaves
+    nothing behind. The output directory is also the run directory: running the same command
+    again resumes from the latest checkpoint.
+    """
+    from .data import open_dataset
+    from .distributed import check_storage_path, run_trainer
+    from .models import load_unet_skeleton
+
+    cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).expanduser().resolve()))
+    output = Path(cfg.output)
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output {output}: exists and is not a directory")
+    selection = None if cfg.selection == "all" else read_selection(cfg.selection)
+    dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
+                           resolution=cfg.data.resolution, seed=0)
+    for i in range(len(dataset)):  # every pair once: a bad label fails now, naming its file
+        dataset[i]
+    candidates = find_candidates(load_unet_skeleton(cfg.model.model, cfg.model.model_seed))
     modules = list(candidates) if selection is None else selection
-    check_modules(components.unet, modules, candidates, f"--selection {cfg.selection}")
-    torch.manual_seed(cfg.seed)  # peft draws the LoRA init from the global generator
-    attach_lora(components.unet, modules, cfg.rank, cfg.lora_alpha)
-    trainable = sum(p.numel() for p in components.unet.parameters() if p.requires_grad)
+    check_modules(modules, candidates, f"--selection {cfg.selection}")
+    dist_cfg = cfg.distributed
+    if dist_cfg.storage_path:
+        storage = check_storage_path(dist_cfg.storage_path)
+        name = f"{output.name}-{hashlib.sha1(str(output).encode()).hexdigest()[:8]}"
+    else:
+        storage, name = None, "ray_train"
+    prepare_run_dir(cfg, modules)
+    storage = storage or check_storage_path(str(output))
     started = time.perf_counter()
-    history = train_lora(components, dataset, steps=cfg.steps, batch_size=cfg.batch_size,
-                         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, caption=cfg.caption,
-                         caption_with_classes=cfg.caption_with_classes, seed=cfg.seed,
-                         log_every=cfg.log_every, progress=progress)
-    elapsed = time.perf_counter() - started
-    with staged_output_dir(cfg.output, cfg.overwrite) as staging:
-        weights = save_lora(components, components.unet, staging)
-        with open(staging / "loss.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "loss"])
-            w.writerows(history)
-        plot_loss([s for s, _ in history], [v for _, v in history], staging / "loss.png",
-                  title=f"LoRA on {len(modules)} projections of {cfg.model.model}, data {cfg.data.data}")
-        write_json(staging / "finetune.json", {
-            "lora": LORA_WEIGHT_NAME,
-            "lora_sha256": file_sha256(weights),
-            "selection": cfg.selection,
-            "modules": modules,
-            "lora_modules": trainable_modules(components.unet),
-            "num_modules": len(modules),
-            "num_candidates": len(candidates),
-            "rank": cfg.rank,
-            "alpha": cfg.lora_alpha,
-            "trainable_params": trainable,
-            "steps": cfg.steps,
-            "batch_size": cfg.batch_size,
-            "num_images": len(dataset),
-            "final_loss": history[-1][1],
-            "elapsed_s": round(elapsed, 3),
-            "model": model_info(components),
-            "calora_ray_version": __version__,
-            "config": to_dict(cfg),
-        })
-    return Path(cfg.output)
+    result = run_trainer(finetune_worker, {"cfg": cfg, "modules": modules}, name=name, storage_path=storage,
+                         num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
+                         cpus_per_worker=dist_cfg.cpus_per_worker, max_failures=dist_cfg.max_failures,
+                         resource_wait_s=dist_cfg.resource_wait_s)
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as ckpt:
+        ckpt = Path(ckpt)
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        write_finetune_outputs(cfg, ckpt / LORA_WEIGHT_NAME, state, modules, len(candidates), len(dataset),
+                               run=f"{storage.rstrip('/')}/{name}", elapsed=time.perf_counter() - started)
+    return output
+
+
+def write_finetune_outputs(cfg: FinetuneConfig, weights: Path, state: dict, modules: list[str],
+                           num_candidates: int, num_images: int, run: str, elapsed: float) -> None:
+    """The adapter, loss.csv, loss.png and finetune.json, each written into place atomically."""
+    output = Path(cfg.output)
+    tmp = output / f".{LORA_WEIGHT_NAME}.tmp"
+    shutil.copyfile(weights, tmp)
+    tmp.replace(output / LORA_WEIGHT_NAME)
+    history = state["history"]
+    with open(output / ".loss.csv.tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "elapsed_s"])
+        w.writeheader()
+        w.writerows(history)
+    (output / ".loss.csv.tmp").replace(output / "loss.csv")
+    plot_loss([h["step"] for h in history], [h["loss"] for h in history], output / ".loss.tmp.png",
+              title=f"LoRA on {len(modules)} projections of {cfg.model.model}, data {cfg.data.data}")
+    (output / ".loss.tmp.png").replace(output / "loss.png")
+    from safetensors import safe_open
+
+    with safe_open(str(output / LORA_WEIGHT_NAME), "pt") as f:
+        lora_params = sum(f.get_tensor(k).numel() for k in f.keys())
+        lora_modules = sorted({k.removeprefix("unet.").rsplit(".lora.", 1)[0] for k in f.keys()})
+    _atomic_write(output / "finetune.json", json.dumps({
+        "lora": LORA_WEIGHT_NAME,
+        "lora_sha256": file_sha256(output / LORA_WEIGHT_NAME),
+        "selection": cfg.selection,
+        "modules": modules,
+        "lora_modules": lora_modules,
+        "num_modules": len(modules),
+        "num_candidates": num_candidates,
+        "rank": cfg.rank,
+        "alpha": cfg.lora_alpha,
+        "trainable_params": lora_params,
+        "steps": state["step"],
+        "batch_size": cfg.training.batch_size,
+        "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
+        "num_workers": cfg.distributed.num_workers,
+        "num_images": num_images,
+        "final_loss": history[-1]["loss"],
+        "run": run,
+        "elapsed_s": round(elapsed, 3),
+        "calora_ray_version": __version__,
+        "config": to_dict(cfg),
+    }, indent=2, default=str) + "\n")
+

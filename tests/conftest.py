@@ -24,3 +24,24 @@ def tiny_dir(tmp_path_factory):
     from calora_ray.models import build_tiny, save_components
 
     return save_components(build_tiny(seed=0), tmp_path_factory.mktemp("tiny") / "tiny-sd")
+
+
+def _fixed_batch_loss(components, dataset, caption="Photorealistic first-person urban street view"):
+    """L_diff on a fixed batch: the same images, VAE draws, noise and timesteps every call."""
+    import numpy as np
+    import torch
+
+    from calora_ray.models import encode_images, encode_prompts
+    from calora_ray.training import diffusion_step_loss
+
+    g = torch.Generator().manual_seed(1234)
+    images = np.stack([dataset[i]["image"] for i in range(len(dataset))])
+    with torch.no_grad():
+        latents = encode_images(components, images, g)
+        cond = encode_prompts(components, [caption] * len(images), images.shape[1], images.shape[2])
+        return float(diffusion_step_loss(components, latents, cond, g))
+
+
+@pytest.fixture
+def fixed_batch_loss():
+    return _fixed_batch_loss

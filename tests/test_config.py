@@ -21,7 +21,7 @@ def test_yaml_sections_and_precedence(tmp_path):
     assert score.concept == "viewpoint" and score.top_k_percent == 3.0 and score.seed == 3
     assert score.concepts == {"weather": {"augmented_prompts": ["a b"]}}
     ft = parse_config(FinetuneConfig, ["--config", str(path)], "finetune")
-    assert ft.learning_rate == 1e-4 and ft.rank == 8 and ft.steps == 7 and ft.lora_alpha == 8.0
+    assert ft.training.learning_rate == 1e-4 and ft.rank == 8 and ft.training.steps == 7 and ft.lora_alpha == 8.0
     assert ft.data.data == "toy:target"  # the job's own default survives
 
 
@@ -35,7 +35,7 @@ def test_shipped_configs_parse():
         assert s.top_k_percent == 2 and s.timestep == 81
         assert f.selection.endswith("sensitivity.json")
     sd = parse_config(FinetuneConfig, ["--config", str(root / "sd15-cityscapes.yaml")], "finetune")
-    assert (sd.rank, sd.lora_alpha, sd.learning_rate, sd.steps) == (64, 64.0, 1e-4, 10000)
+    assert (sd.rank, sd.lora_alpha, sd.training.learning_rate, sd.training.steps) == (64, 64.0, 1e-4, 10000)
 
 
 def test_unknown_yaml_key_names_file_and_key(tmp_path):

@@ -51,13 +51,13 @@ def test_score_job_writes_report_and_plot(scored):
 def test_finetune_job_on_the_selection(scored, tmp_path):
     out = tmp_path / "ft"
     proc = run("finetune", "--model", "tiny", "--data", "toy:target", "--selection", scored / "sensitivity.json",
-               "--steps", "3", "--batch-size", "2", "--rank", "4", "--num-images", "4", "--output", out)
+               "--steps", "3", "--batch-size", "2", "--rank", "4", "--num-images", "4", "--learning-rate", "1e-2", "--output", out)
     assert "pytorch_lora_weights.safetensors" in proc.stdout
     report = json.loads((out / "finetune.json").read_text())
     selected = json.loads((scored / "sensitivity.json").read_text())["selected"]
     assert report["lora_modules"] == sorted(selected) and report["steps"] == 3
     assert (out / "pytorch_lora_weights.safetensors").stat().st_size > 0
-    assert (out / "loss.csv").read_text().splitlines()[0] == "step,loss"
+    assert (out / "loss.csv").read_text().splitlines()[0] == "step,loss,lr,elapsed_s"
     assert Image.open(out / "loss.png").format == "PNG"
 
     # The stock pipeline built from the same base loads it, and its output changes.
@@ -152,3 +152,12 @@ def test_existing_output_is_kept_without_overwrite(scored):
     proc = run("score", "--num-samples", "1", "--output", scored, check=False)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert (scored / "sensitivity.json").read_bytes() == before
+
+
+def test_finetune_refuses_a_directory_that_is_not_a_run(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    proc = run("finetune", "--steps", "1", "--output", out, check=False)
+    assert proc.returncode == 2 and "not a calora_ray fine-tuning run" in proc.stderr
+    assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1

@@ -101,7 +101,7 @@ def test_selection_file_with_foreign_modules(tmp_path, tiny):
                                                "down_blocks.7.attentions.0.attn9.to_q"]}))
     names = read_selection(report)
     with pytest.raises(SelectionError, match=r"sensitivity.json.*down_blocks\.7\.attentions\.0\.attn9\.to_q"):
-        check_modules(tiny.unet, names, find_candidates(tiny.unet), f"--selection {report}")
+        check_modules(names, find_candidates(tiny.unet), f"--selection {report}")
 
 
 @pytest.mark.parametrize("content,match", [(None, "file not found"), ("{not json", "not a sensitivity report"),
