@@ -338,15 +338,6 @@ def save_components(components: Components, directory: str | Path) -> Path:
 # ----------------------------------------------------------------------------- devices, prompts
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
-    return dev
-
-
 def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
     """Compute dtype of frozen weights: fp16/bf16 on CUDA when asked, fp32 otherwise (CPU)."""
     if device.type != "cuda" or mixed_precision == "no":

@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
-# The demo: a local Ray head on 127.0.0.1, then the two core jobs submitted to it the way a
-# cluster user does (`ray job submit --working-dir .`): score -> finetune on the embedded
-# default (tiny model, toy city; jobs/configs/demo.yaml). Outputs go to ./outputs/demo.
+# The demo: a local Ray cluster on 127.0.0.1 (jobs/local_ray.py), then the two core jobs submitted
+# to it the way a cluster user does (`ray job submit --working-dir .`): score -> finetune on the
+# embedded default (tiny model, toy city; jobs/configs/demo.yaml). Outputs go to ./outputs/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 export PATH="$PWD/$VENV/bin:$PATH"
 OUT="$PWD/outputs/demo"   # absolute: a submitted job runs in a copy of the working dir
-PORT=${DEMO_RAY_PORT:-6390}
-DASH=${DEMO_DASHBOARD_PORT:-8290}
-ADDRESS="http://127.0.0.1:$DASH"
+PORT=${DEMO_DASHBOARD_PORT:-8290}
+ADDRESS="http://127.0.0.1:$PORT"
+# Ray protects clusters with a token (~/.ray/auth_token); the CLI only sends it when the mode is
+# explicit, so make it explicit for the cluster, the submit client and the jobs alike.
+export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+mkdir -p "$OUT"
 
-started=0
-if ! ray status --address "127.0.0.1:$PORT" >/dev/null 2>&1; then
-  echo "== starting a local Ray head on 127.0.0.1:$PORT (dashboard $ADDRESS)"
-  ray start --head --node-ip-address 127.0.0.1 --port "$PORT" --dashboard-host 127.0.0.1 \
-    --dashboard-port "$DASH" --num-cpus 2 --disable-usage-stats >/dev/null
-  started=1
-fi
-cleanup() { if [ "$started" = 1 ]; then echo "== stopping the local Ray head"; ray stop >/dev/null 2>&1 || true; fi; }
-trap cleanup EXIT
+echo "== starting a local Ray cluster (job server $ADDRESS)"
+python jobs/local_ray.py --dashboard-port "$PORT" >"$OUT/local_ray.log" 2>&1 &
+RAY_PID=$!
+trap 'echo "== stopping the local Ray cluster"; kill -TERM $RAY_PID 2>/dev/null || true; wait $RAY_PID 2>/dev/null || true' EXIT
+for _ in $(seq 90); do
+  grep -q "^ready" "$OUT/local_ray.log" 2>/dev/null && break
+  kill -0 $RAY_PID 2>/dev/null || { cat "$OUT/local_ray.log"; exit 1; }
+  sleep 1
+done
+grep -q "^ready" "$OUT/local_ray.log" || { echo "Ray did not start within 90 s"; cat "$OUT/local_ray.log"; exit 1; }
 
 submit() { ray job submit --address "$ADDRESS" --working-dir . -- "$@"; }
 

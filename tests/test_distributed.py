@@ -79,7 +79,7 @@ def test_worker_failure_resumes_from_the_checkpoint(tmp_path):
     failed = finetune(tmp_path / "failed", steps=5, checkpoint_every=2, simulate_failure_at_step=3,
                       max_failures=1)
     clean = finetune(tmp_path / "clean", steps=5, checkpoint_every=2)
-    assert failed["steps"] == 5
+    assert failed["steps"] == clean["steps"] == 5 and failed["final_loss"] == clean["final_loss"]
     steps = [int(line.split(",")[0]) for line in (tmp_path / "failed" / "loss.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5]
     a, b = lora_weights(tmp_path / "failed"), lora_weights(tmp_path / "clean")
@@ -104,6 +104,16 @@ def test_restart_with_more_steps_continues(tmp_path):
     a, b = lora_weights(out), lora_weights(tmp_path / "straight")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight["final_loss"] == again["final_loss"]
+
+
+def test_storage_path_as_a_uri(tmp_path):
+    """Run state under a pyarrow/fsspec URI (file:// here; s3:// and gs:// take the same path)."""
+    runs = tmp_path / "shared-runs"
+    report = finetune(tmp_path / "uri", steps=2, checkpoint_every=1, storage_path=f"file://{runs}")
+    assert report["run"].startswith(f"file://{runs}/uri-")
+    checkpoints = list(runs.glob("uri-*/checkpoint_*"))
+    assert checkpoints and all((c / "training_state.pt").is_file() for c in checkpoints)
+    assert not (tmp_path / "uri" / "ray_train").exists()
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):

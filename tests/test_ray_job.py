@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -12,11 +11,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PORT, DASHBOARD = 6391, 8291
+DASHBOARD = 8291
 
 
 def ray(*args, timeout=180, check=True):
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    # Token auth made explicit for cluster, client and job (see jobs/demo.sh).
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "PATH": f"{BIN}:{os.environ['PATH']}"}
     proc = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=ROOT)
     if check and proc.returncode != 0:
@@ -25,19 +26,25 @@ def ray(*args, timeout=180, check=True):
 
 
 @pytest.fixture(scope="module")
-def head():
-    if shutil.which("ray", path=str(BIN)) is None:
-        pytest.fail("the ray CLI is not installed in this environment")
-    ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(PORT), "--dashboard-host",
-        "127.0.0.1", "--dashboard-port", str(DASHBOARD), "--num-cpus", "2", "--disable-usage-stats")
-    address = f"http://127.0.0.1:{DASHBOARD}"
-    deadline = time.time() + 60  # the job server comes up shortly after the head
-    while ray("job", "list", "--address", address, check=False, timeout=30).returncode != 0:
-        if time.time() > deadline:
-            raise AssertionError("the local Ray job server did not come up within 60 s")
-        time.sleep(2)
-    yield address
-    ray("stop", "--force", check=False)
+def head(tmp_path_factory):
+    """A local cluster held by jobs/local_ray.py; terminating it stops only that cluster."""
+    log = tmp_path_factory.mktemp("ray") / "local_ray.log"
+    # PATH: a job's entrypoint `python` must be this environment's
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "PATH": f"{BIN}:{os.environ['PATH']}"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "local_ray.py"), "--dashboard-port",
+                                 str(DASHBOARD), "--num-cpus", "2"], stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 90  # bounded: the cluster and its job server come up or the test fails
+        while "ready" not in log.read_text():
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the local Ray cluster did not start:\n{log.read_text()}")
+            time.sleep(1)
+        yield f"http://127.0.0.1:{DASHBOARD}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def test_score_job_under_ray_job_submit(head, tmp_path):
