@@ -24,7 +24,7 @@ import yaml
 
 from .selection import SELECTION_MODES
 
-JOB_SECTIONS = ("score", "finetune")
+JOB_SECTIONS = ("score", "finetune", "sample")
 
 
 class ConfigError(ValueError):
@@ -257,6 +257,39 @@ class FinetuneConfig:
         return float(self.rank if self.alpha is None else self.alpha)
 
 
+@dataclass
+class SampleConfig:
+    """jobs/sample.py: text-to-image samples of a model (and a LoRA), with a labelled grid."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: str | None = field(default=None, metadata=_help(
+        "A directory with pytorch_lora_weights.safetensors (jobs/finetune.py output) to load "
+        "with the stock pipeline's load_lora_weights."))
+    prompt: list[str] = field(default_factory=lambda: [
+        "Photorealistic first-person urban street view",
+        "Photorealistic first-person urban street view at night"], metadata=_help(
+        "One or more prompts (each gets --num-images images, one row of the grid)."))
+    num_images: int = field(default=4, metadata=_help("Images per prompt."))
+    seed: int = field(default=0, metadata=_help(
+        "Image i of every prompt uses seed + i, so rows are comparable and runs reproducible."))
+    steps: int = field(default=25, metadata=_help("Sampling steps."))
+    guidance: float = field(default=4.0, metadata=_help("Classifier-free guidance scale."))
+    resolution: int | None = field(default=None, metadata=_help(
+        "Image side in pixels; default: the model's native size (UNet sample size x VAE factor)."))
+    output: str = field(default="outputs/samples", metadata=_help(
+        "Output directory: one PNG per image and grid.png."))
+    overwrite: bool = field(default=False, metadata=_help("Replace an existing output directory."))
+
+    def __post_init__(self):
+        for name in ("num_images", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.prompt or not all(p.strip() for p in self.prompt):
+            raise ConfigError("--prompt needs at least one non-empty prompt")
+        if self.resolution is not None and self.resolution < 8:
+            raise ConfigError(f"--resolution must be >= 8, got {self.resolution}")
+
+
 # ----------------------------------------------------------------------------- parsing
 
 
@@ -425,4 +458,4 @@ def to_dict(cfg) -> dict[str, Any]:
     return out
 
 
-JOB_CONFIGS = {"score": ScoreConfig, "finetune": FinetuneConfig}
+JOB_CONFIGS = {"score": ScoreConfig, "finetune": FinetuneConfig, "sample": SampleConfig}

@@ -236,21 +236,13 @@ def train(task: TrainingTask, dataset, tc: TrainingConfig, *, device: torch.devi
 @torch.no_grad()
 def validate(task: TrainingTask, tc: TrainingConfig, step: int, log_dir: Path, writer=None) -> Path:
     """Sample the validation prompts with the current weights; a labelled grid PNG under log_dir."""
-    from PIL import Image, ImageDraw
+    from .sampling import image_grid, sample_images
 
     task.module.eval()
-    pipe = task.components.pipeline()
-    pipe.set_progress_bar_config(disable=True)
     size = task.components.unet.config.sample_size * task.components.vae_scale_factor
-    images = [pipe(p, num_inference_steps=tc.validation_steps, height=size, width=size,
-                   generator=torch.Generator().manual_seed(tc.seed)).images[0] for p in tc.validation_prompts]
+    rows = sample_images(task.components, tc.validation_prompts, 1, tc.seed, tc.validation_steps, 7.5, size)
     task.module.train()
-    cell = max(128, size)
-    grid = Image.new("RGB", (cell * len(images), cell + 14), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (img, prompt) in enumerate(zip(images, tc.validation_prompts)):
-        grid.paste(img.resize((cell, cell), Image.NEAREST), (i * cell, 14))
-        draw.text((i * cell + 2, 1), prompt[: cell // 6], fill="black")
+    grid = image_grid(rows, [f"step {step}: {p}" for p in tc.validation_prompts])
     out = log_dir / "validation" / f"step_{step:06d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)

@@ -1,0 +1,27 @@
+"""Sample images from a model (and a LoRA): the first thing to run to see what they do.
+
+    python jobs/sample.py --model tiny --prompt "Photorealistic first-person urban street view" \
+        "Sketch of urban street in top-down view at night" --num-images 4 --seed 0 --output DIR
+    python jobs/sample.py --model toy-sd --lora outputs/demo/finetune --output DIR
+
+Writes one PNG per image, grid.png (a row per prompt) and samples.json.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
+
+from calora_ray.cli import run_job  # noqa: E402
+from calora_ray.config import SampleConfig, parse_config  # noqa: E402
+from calora_ray.sampling import run_sampling  # noqa: E402
+
+
+def main(argv=None):
+    cfg = parse_config(SampleConfig, argv, job="sample", description=__doc__)
+    out = run_job(run_sampling, cfg)
+    print(f"grid:   {out / 'grid.png'}\nimages: {out}")
+
+
+if __name__ == "__main__":
+    main()
