@@ -82,3 +82,11 @@ def resolve_concept(
     if not concept.base_prompt.strip():
         raise ValueError(f"concept '{name}' has an empty base prompt")
     return concept
+
+
+def join_class_names(names) -> str:
+    """'a' / 'a and b' / 'a, b and c' (no serial comma); '' for no names."""
+    names = [str(n) for n in names]
+    if len(names) <= 1:
+        return "".join(names)
+    return ", ".join(names[:-1]) + f" and {names[-1]}"

@@ -61,11 +61,12 @@ def captions_for(labels: list[np.ndarray], caption: str, with_classes: bool) -> 
         return [caption] * len(labels)
     from .data.labels import class_names_present
 
+    from .concepts import join_class_names
+
     out = []
     for label in labels:
         names = class_names_present(label)
-        listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
-        out.append(f"{caption} with {listed}" if names else caption)
+        out.append(f"{caption} with {join_class_names(names)}" if names else caption)
     return out
 
 

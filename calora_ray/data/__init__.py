@@ -3,8 +3,11 @@
     ds = open_dataset("toy:target", split="train", num_images=30, resolution=64)
     ds[0] -> {"image": HxWx3 uint8, "label": HxW uint8 train ids (255 = ignore), "name": str}
 
-Sources: "toy" (= "toy:target"), "toy:target", "toy:source", or a path to a directory in the
-Cityscapes layout (see cityscapes.find_pairs).
+Sources: "toy" (= "toy:target"), "toy:target", "toy:source", "toy:world", or a path to a
+directory in the Cityscapes layout (see cityscapes.find_pairs).
+
+"toy:world" is the pretraining world (calora_ray.toyworld): its items also carry "caption",
+"style", "viewpoint" and "condition".
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from calora_ray.data.cityscapes import find_pairs, load_pair
 from calora_ray.data.labels import validate_label
 from calora_ray.data.toycity import DOMAINS, render_scene
 
-TOY_SOURCES = ("toy", *(f"toy:{d}" for d in DOMAINS))
+TOY_SOURCES = ("toy", *(f"toy:{d}" for d in DOMAINS), "toy:world")
 TOY_SPLITS = ("train", "val")
 TOY_NATIVE_SIZE = 64           # what resolution=None renders the toy city at
 TOY_DEFAULT_NUM_IMAGES = {"train": 30, "val": 100}
+TOY_WORLD_DEFAULT_NUM_IMAGES = {"train": 8000, "val": 500}  # the pretraining world ("toy:world")
 _SEED_STRIDE = 1_000_003       # each dataset seed owns a block of render seeds (≤ this many images)
 _VAL_OFFSET = 2**40            # val render seeds lie above every train render seed (dataset seed < 10**6)
 
@@ -64,9 +68,10 @@ def resize_and_crop(image: np.ndarray, label: np.ndarray, resolution: int) -> tu
 class SegmentationDataset(Dataset):
     """Image–label pairs, loaded lazily.
 
-    source: the normalised source ("toy:target", "toy:source" or the directory path).
-    names: one name per sample. load(i) -> (image HxWx3 uint8, label HxW ids, label_name):
-    label_name is what an error names (the label file, or the toy sample name).
+    source: the normalised source ("toy:target", "toy:source", "toy:world" or the directory path).
+    names: one name per sample. load(i) -> (image HxWx3 uint8, label HxW ids, label_name) or
+    (image, label, label_name, extra): label_name is what an error names (the label file, or the
+    toy sample name); extra, a dict, is added to the item (e.g. the toy world's caption).
     resolution: square output size (shorter side resized, centre crop), None = as loaded.
     """
 
@@ -85,12 +90,15 @@ class SegmentationDataset(Dataset):
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {n} samples of {self.source!r}")
         i %= n
-        image, label, label_name = self._load(i)
+        image, label, label_name, *extra = self._load(i)
         label = validate_label(label, name=label_name)
         if self.resolution is not None and label.shape != (self.resolution, self.resolution):
             image, label = resize_and_crop(image, label, self.resolution)
         label = validate_label(label, name=label_name, expected_shape=image.shape[:2])
-        return {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label), "name": self.names[i]}
+        item = {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label), "name": self.names[i]}
+        if extra:
+            item.update(extra[0])
+        return item
 
     def __repr__(self) -> str:
         return f"SegmentationDataset(source={self.source!r}, n={len(self)}, resolution={self.resolution})"
@@ -103,12 +111,24 @@ def _open_toy(source: str, split: str, num_images: int | None, resolution: int |
         raise ValueError(f"toy dataset {source!r} has splits {', '.join(TOY_SPLITS)}; got {split!r}")
     if seed < 0:
         raise ValueError(f"toy dataset seed must be non-negative, got {seed}")
-    n = TOY_DEFAULT_NUM_IMAGES[split] if num_images is None else num_images
+    defaults = TOY_WORLD_DEFAULT_NUM_IMAGES if domain == "world" else TOY_DEFAULT_NUM_IMAGES
+    n = defaults[split] if num_images is None else num_images
     if n > _SEED_STRIDE:
         raise ValueError(f"toy datasets hold at most {_SEED_STRIDE} images per seed, asked for {n}")
     size = TOY_NATIVE_SIZE if resolution is None else resolution
     prefix = f"toy-{domain}-{split}" if seed == 0 else f"toy-{domain}-seed{seed}-{split}"
     names = [f"{prefix}-{i:06d}" for i in range(n)]
+
+    if domain == "world":
+        # imported here: calora_ray.toyworld imports calora_ray.data
+        from calora_ray.toyworld.world import render_world_sample
+
+        def load(i: int):
+            sample = render_world_sample(toy_render_seed(split, i, seed), size)
+            extra = {key: sample[key] for key in ("caption", "style", "viewpoint", "condition")}
+            return sample["image"], sample["label"], names[i], extra
+
+        return SegmentationDataset("toy:world", names, load, resolution)
 
     def load(i: int):
         image, label = render_scene(toy_render_seed(split, i, seed), domain, size)
@@ -121,9 +141,11 @@ def open_dataset(source: str, split: str = "train", num_images: int | None = Non
                  resolution: int | None = 64, seed: int = 0) -> SegmentationDataset:
     """Open a segmentation dataset.
 
-    source: "toy" (= "toy:target"), "toy:target", "toy:source", or a Cityscapes-layout directory.
+    source: "toy" (= "toy:target"), "toy:target", "toy:source", "toy:world" (the pretraining
+    world; items add "caption", "style", "viewpoint", "condition"), or a Cityscapes-layout directory.
     split: "train" / "val" for toy; any split directory for Cityscapes.
-    num_images: the first N samples (toy default 30 for train, 100 for val; Cityscapes: all).
+    num_images: the first N samples (toy default 30 for train, 100 for val; toy:world 8000 / 500;
+    Cityscapes: all).
     resolution: square side (shorter side resized, centre-cropped); None keeps the native size
     (toy: TOY_NATIVE_SIZE). seed: picks the toy world's block of scenes; unused for directories.
     """
@@ -158,4 +180,5 @@ def open_dataset(source: str, split: str = "train", num_images: int | None = Non
     return SegmentationDataset(str(root), [name for _, _, name in pairs], load, resolution)
 
 
-__all__ = ["SegmentationDataset", "open_dataset", "resize_and_crop", "toy_render_seed", "TOY_SOURCES"]
+__all__ = ["SegmentationDataset", "open_dataset", "resize_and_crop", "toy_render_seed", "TOY_SOURCES",
+           "TOY_WORLD_DEFAULT_NUM_IMAGES"]

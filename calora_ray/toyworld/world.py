@@ -1,0 +1,117 @@
+"""The pretraining world: captioned renders of streets under controllable concepts.
+
+Every sample is a street (calora_ray.data.toycity) rendered in one style, from one viewpoint,
+under one condition, with a label map and a caption in the paper's prompt shapes:
+
+    {Photorealistic first-person urban street view | Sketch of first-person urban street view |
+     Photorealistic urban street in top-down view | Sketch of urban street in top-down view}
+    [ with {class names}] [ in clear weather | in foggy weather | at night | in rainy weather |
+                            in snowy weather]
+
+A caption without a condition phrase always shows clear weather ("no phrase" means clear).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from calora_ray.concepts import join_class_names
+from calora_ray.data.labels import class_names_present
+from calora_ray.data.toycity import (
+    WORLD_CONDITIONS,
+    WORLD_STYLES,
+    WORLD_VIEWPOINTS,
+    render_world,
+)
+
+STYLES: tuple[str, ...] = WORLD_STYLES            # ("photorealistic", "sketch")
+VIEWPOINTS: tuple[str, ...] = WORLD_VIEWPOINTS    # ("first-person", "top-down")
+CONDITIONS: tuple[str, ...] = WORLD_CONDITIONS    # ("clear", "foggy", "night", "rainy", "snowy")
+
+BASE_PROMPTS: dict[tuple[str, str], str] = {
+    ("photorealistic", "first-person"): "Photorealistic first-person urban street view",
+    ("sketch", "first-person"): "Sketch of first-person urban street view",
+    ("photorealistic", "top-down"): "Photorealistic urban street in top-down view",
+    ("sketch", "top-down"): "Sketch of urban street in top-down view",
+}
+CONDITION_PHRASES: dict[str, str] = {
+    "clear": " in clear weather",
+    "foggy": " in foggy weather",
+    "night": " at night",
+    "rainy": " in rainy weather",
+    "snowy": " in snowy weather",
+}
+CAPTION_MIN_FRACTION = 0.0   # a class is named when it has any pixel (as training.captions_for does)
+
+# One balanced block of attribute draws: every (style, viewpoint, condition, with_classes)
+# appears twice, once with each with_condition flag (forced True unless the condition is clear).
+_BLOCK = len(STYLES) * len(VIEWPOINTS) * len(CONDITIONS) * 2 * 2
+
+
+def caption(style: str, viewpoint: str, condition: str | None = None, class_names=None) -> str:
+    """The caption of a render: the base prompt of (style, viewpoint), then ' with {names}' when
+    class_names is non-empty, then the condition phrase when condition is given (None: none).
+
+    caption("sketch", "top-down", "night", ["road", "building", "car"])
+    -> "Sketch of urban street in top-down view with road, building and car at night"
+    """
+    if (style, viewpoint) not in BASE_PROMPTS:
+        raise ValueError(f"unknown style / viewpoint {style!r} / {viewpoint!r}; styles: {', '.join(STYLES)}; "
+                         f"viewpoints: {', '.join(VIEWPOINTS)}")
+    if condition is not None and condition not in CONDITION_PHRASES:
+        raise ValueError(f"unknown condition {condition!r}; valid: {', '.join(CONDITIONS)} or None")
+    text = BASE_PROMPTS[(style, viewpoint)]
+    if class_names:
+        text += " with " + join_class_names(class_names)
+    if condition is not None:
+        text += CONDITION_PHRASES[condition]
+    return text
+
+
+def sample_attributes(seed: int) -> dict:
+    """The concepts of world sample `seed`: dict(style, viewpoint, condition, with_classes, with_condition).
+
+    Deterministic; balanced: each block of 80 consecutive seeds (starting at a multiple of 80)
+    holds every (style, viewpoint, condition) exactly 4 times, with_classes half of the time,
+    and for clear weather the condition phrase half of the time (other conditions always name
+    themselves, since a caption without a phrase means clear weather).
+    """
+    seed = int(seed)
+    if seed < 0:
+        raise ValueError(f"toy world seed must be a non-negative integer, got {seed}")
+    block, i = divmod(seed, _BLOCK)
+    j = int(np.random.default_rng([block, 7, 11]).permutation(_BLOCK)[i])
+    j, phrase = divmod(j, 2)
+    j, with_classes = divmod(j, 2)
+    j, c = divmod(j, len(CONDITIONS))
+    s, v = divmod(j, len(VIEWPOINTS))
+    condition = CONDITIONS[c]
+    return {"style": STYLES[s], "viewpoint": VIEWPOINTS[v], "condition": condition,
+            "with_classes": bool(with_classes), "with_condition": bool(phrase) or condition != "clear"}
+
+
+def render_world_sample(seed: int, size: int | tuple[int, int] = 64) -> dict:
+    """World sample `seed`: dict(image HxWx3 uint8, label HxW uint8 train ids, caption, style,
+    viewpoint, condition). The caption names the classes present in the label (train-id order)
+    when the sample's with_classes is set, and its condition unless it is clear weather left unsaid.
+    """
+    a = sample_attributes(seed)
+    image, label = render_world(seed, a["style"], a["viewpoint"], a["condition"], size)
+    names = class_names_present(label, CAPTION_MIN_FRACTION) if a["with_classes"] else None
+    text = caption(a["style"], a["viewpoint"], a["condition"] if a["with_condition"] else None, names)
+    return {"image": image, "label": label, "caption": text, "style": a["style"], "viewpoint": a["viewpoint"],
+            "condition": a["condition"]}
+
+
+__all__ = [
+    "BASE_PROMPTS",
+    "CONDITIONS",
+    "CONDITION_PHRASES",
+    "STYLES",
+    "VIEWPOINTS",
+    "caption",
+    "join_class_names",
+    "render_world",
+    "render_world_sample",
+    "sample_attributes",
+]
