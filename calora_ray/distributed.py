@@ -121,6 +121,16 @@ def check_storage_path(storage_path: str) -> str:
     return storage_path
 
 
+def delete_run(storage_path: str, name: str) -> None:
+    """Remove a run's state (its checkpoints) under storage_path/name, if there is any."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(storage_path)
+    target = f"{path.rstrip('/')}/{name}"
+    if fs.get_file_info(target).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(target)
+
+
 def resolve_resources(num_workers: int, use_gpu: str, cpus_per_worker: int | None,
                       wait_s: float) -> tuple[bool, int]:
     """(use GPUs?, CPUs per worker) that this cluster can host; waits at most `wait_s` for them.

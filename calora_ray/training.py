@@ -323,7 +323,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     again resumes from the latest checkpoint.
     """
     from .data import open_dataset
-    from .distributed import check_storage_path, run_trainer
+    from .distributed import check_storage_path, delete_run, run_trainer
     from .models import load_unet_skeleton
 
     cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).expanduser().resolve()))
@@ -342,6 +342,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if dist_cfg.storage_path:
         storage = check_storage_path(dist_cfg.storage_path)
         name = f"{output.name}-{hashlib.sha1(str(output).encode()).hexdigest()[:8]}"
+        if cfg.overwrite:  # starting over means the old checkpoints too, wherever they are
+            delete_run(storage, name)
     else:
         storage, name = None, "ray_train"
     prepare_run_dir(cfg, modules)

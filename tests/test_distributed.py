@@ -111,9 +111,12 @@ def test_storage_path_as_a_uri(tmp_path):
     runs = tmp_path / "shared-runs"
     report = finetune(tmp_path / "uri", steps=2, checkpoint_every=1, storage_path=f"file://{runs}")
     assert report["run"].startswith(f"file://{runs}/uri-")
-    checkpoints = list(runs.glob("uri-*/checkpoint_*"))
+    checkpoints = [c for c in runs.glob("uri-*/checkpoint_*") if c.is_dir()]
     assert checkpoints and all((c / "training_state.pt").is_file() for c in checkpoints)
     assert not (tmp_path / "uri" / "ray_train").exists()
+    # --overwrite starts over: the old checkpoints in the storage go too (else step 2 would resume)
+    again = finetune(tmp_path / "uri", steps=1, storage_path=f"file://{runs}", overwrite=True)
+    assert again["steps"] == 1
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):
