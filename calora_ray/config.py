@@ -24,7 +24,7 @@ import yaml
 
 from .selection import SELECTION_MODES
 
-JOB_SECTIONS = ("score", "finetune", "sample")
+JOB_SECTIONS = ("score", "finetune", "sample", "pretrain_toy")
 
 
 class ConfigError(ValueError):
@@ -290,6 +290,105 @@ class SampleConfig:
             raise ConfigError(f"--resolution must be >= 8, got {self.resolution}")
 
 
+@dataclass
+class PretrainConfig:
+    """jobs/pretrain_toy.py: pretrain `toy-sd` (VAE, then UNet + text encoder) on the pretraining world."""
+
+    output: str = field(default="models/toy-sd", metadata=_help(
+        "Output (and run) directory: a standard diffusers directory (model_index.json, unet/, vae/, "
+        "text_encoder/, tokenizer/, scheduler/), MODEL_CARD.md, samples.png, pretrain.json, "
+        "logs/{vae,unet}/loss.{csv,png} and checkpoint.pt. Running the same command again resumes "
+        "from checkpoint.pt."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Delete the output directory (and its checkpoint) first and start over."))
+    seed: int = field(default=0, metadata=_help(
+        "Seed of the initial weights, batches, noise, timesteps and caption dropout."))
+    num_images: int = field(default=8000, metadata=_help(
+        "Training renders of the pretraining world (toy:world, train split), rendered once into memory."))
+    val_images: int = field(default=256, metadata=_help(
+        "Held-out renders (toy:world, val split) on which the VAE's reconstruction PSNR is measured."))
+    resolution: int = field(default=64, metadata=_help(
+        "Image side in pixels; must be a multiple of the VAE factor times 2^(UNet levels - 1)."))
+    # --- architecture
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64], metadata=_help(
+        "AutoencoderKL block channels; n blocks downsample by 2^(n-1) (3 blocks: f=4, 64x64 -> 4x16x16)."))
+    unet_channels: list[int] = field(default_factory=lambda: [48, 128, 128], metadata=_help(
+        "UNet2DConditionModel block channels, one layer per block; cross-attention at every level but "
+        "the first (full latent resolution)."))
+    text_width: int = field(default=64, metadata=_help(
+        "Width of the CLIP text encoder (= the UNet's cross_attention_dim)."))
+    text_layers: int = field(default=2, metadata=_help("Transformer layers of the CLIP text encoder."))
+    # --- phase 1: the VAE
+    vae_minutes: float | None = field(default=20.0, metadata=_help(
+        "Training-time budget of the VAE phase in minutes (null in YAML: no time limit, --vae-steps only)."))
+    vae_steps: int | None = field(default=None, metadata=_help(
+        "At most this many VAE steps (default: only the time budget limits the phase)."))
+    vae_batch_size: int = field(default=16, metadata=_help("Images per VAE step."))
+    vae_learning_rate: float = field(default=1e-3, metadata=_help("AdamW learning rate of the VAE."))
+    kl_weight: float = field(default=1e-5, metadata=_help(
+        "Weight of the VAE's KL term (per latent element) against L1 + MSE reconstruction (per pixel)."))
+    # --- phase 2: UNet + text encoder on the frozen VAE's latents
+    unet_minutes: float | None = field(default=62.0, metadata=_help(
+        "Training-time budget of the UNet + text encoder phase in minutes (null in YAML: --unet-steps only)."))
+    unet_steps: int | None = field(default=None, metadata=_help(
+        "At most this many UNet steps (default: only the time budget limits the phase)."))
+    unet_batch_size: int = field(default=64, metadata=_help("Latents per UNet step."))
+    unet_learning_rate: float = field(default=5e-4, metadata=_help(
+        "AdamW learning rate of the UNet and the text encoder."))
+    warmup_steps: int = field(default=100, metadata=_help(
+        "Linear learning-rate warm-up steps of each phase (then constant)."))
+    caption_dropout: float = field(default=0.1, metadata=_help(
+        "Fraction of UNet training captions replaced by the empty prompt, for classifier-free guidance."))
+    ema_decay: float = field(default=0.999, metadata=_help(
+        "Decay of the EMA of the UNet and text-encoder weights (the saved model is the EMA)."))
+    # --- bookkeeping
+    log_every: int = field(default=10, metadata=_help(
+        "Write a loss.csv row (the mean loss since the last row) every N steps."))
+    checkpoint_minutes: float = field(default=5.0, metadata=_help(
+        "Save checkpoint.pt every N minutes of training (and at the end of each phase, and on Ctrl-C)."))
+    sample_images: int = field(default=4, metadata=_help(
+        "Images per prompt in samples.png (prompts: every style x viewpoint, clear and 4 conditions)."))
+    sample_steps: int = field(default=25, metadata=_help("DDIM steps of the sample grid."))
+    guidance: float = field(default=4.0, metadata=_help("Classifier-free guidance scale of the sample grid."))
+    simulate_interrupt_at_step: int | None = field(default=None, metadata=_help(
+        "Testing: after this UNet step, stop as Ctrl-C would (a run that resumed from a checkpoint "
+        "ignores it)."))
+
+    def __post_init__(self):
+        for name in ("num_images", "val_images", "resolution", "text_layers", "vae_batch_size", "unet_batch_size",
+                     "log_every", "sample_images", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("vae_channels", "unet_channels"):
+            channels = getattr(self, name)
+            if len(channels) < 2 or any(c < 8 or c % 8 for c in channels):
+                raise ConfigError(f"--{name.replace('_', '-')} needs at least 2 channel counts, each a positive "
+                                  f"multiple of 8, got {channels}")
+        if self.text_width < 8 or self.text_width % 8:
+            raise ConfigError(f"--text-width must be a positive multiple of 8, got {self.text_width}")
+        factor = 2 ** (len(self.vae_channels) - 1) * 2 ** (len(self.unet_channels) - 1)
+        if self.resolution % factor:
+            raise ConfigError(f"--resolution {self.resolution} must be a multiple of {factor} (VAE factor "
+                              f"{2 ** (len(self.vae_channels) - 1)} x UNet downsampling {2 ** (len(self.unet_channels) - 1)})")
+        for phase in ("vae", "unet"):
+            minutes, steps = getattr(self, f"{phase}_minutes"), getattr(self, f"{phase}_steps")
+            if minutes is None and steps is None:
+                raise ConfigError(f"--{phase}-minutes and --{phase}-steps are both unset: the {phase} phase needs a budget")
+            if minutes is not None and minutes <= 0:
+                raise ConfigError(f"--{phase}-minutes must be > 0, got {minutes}")
+            if steps is not None and steps < 1:
+                raise ConfigError(f"--{phase}-steps must be >= 1, got {steps}")
+        for name in ("vae_learning_rate", "unet_learning_rate", "checkpoint_minutes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.kl_weight < 0 or self.warmup_steps < 0 or self.guidance < 0:
+            raise ConfigError("--kl-weight, --warmup-steps and --guidance must be >= 0")
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+
+
 # ----------------------------------------------------------------------------- parsing
 
 
@@ -458,4 +557,5 @@ def to_dict(cfg) -> dict[str, Any]:
     return out
 
 
-JOB_CONFIGS = {"score": ScoreConfig, "finetune": FinetuneConfig, "sample": SampleConfig}
+JOB_CONFIGS = {"score": ScoreConfig, "finetune": FinetuneConfig, "sample": SampleConfig,
+               "pretrain_toy": PretrainConfig}

@@ -55,7 +55,8 @@ def plot_scores(scores: dict[str, float], selected: list[str], path: str | Path,
     plt.close(fig)
 
 
-def plot_loss(steps: list[int], losses: list[float], path: str | Path, title: str = "") -> None:
+def plot_loss(steps: list[int], losses: list[float], path: str | Path, title: str = "",
+              ylabel: str = "diffusion loss", log_scale: bool = False) -> None:
     """Training loss against step, with a moving average when there are enough points."""
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     ax.plot(steps, losses, color="#4C72B0", alpha=0.5 if len(losses) > 20 else 1.0, label="loss")
@@ -63,8 +64,10 @@ def plot_loss(steps: list[int], losses: list[float], path: str | Path, title: st
         w = max(5, len(losses) // 20)
         smooth = [sum(losses[max(0, i - w + 1): i + 1]) / len(losses[max(0, i - w + 1): i + 1]) for i in range(len(losses))]
         ax.plot(steps, smooth, color="#C44E52", label=f"moving average ({w})")
+    if log_scale:
+        ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("diffusion loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

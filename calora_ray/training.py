@@ -127,9 +127,10 @@ def lora_task(components: Components, modules: list[str], rank: int, alpha: floa
 # ----------------------------------------------------------------------------- the loop
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """All randomness of one step on one worker: resuming at step N replays steps N+1... exactly."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) % (2**63))
+def step_generator(seed: int, stream: int, step: int) -> torch.Generator:
+    """All randomness of one step of one stream (a worker's rank, or a training phase): resuming
+    at step N replays steps N+1... exactly."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + stream) * 1_000_003 + step) % (2**63))
 
 
 def save_checkpoint(directory: Path, task: TrainingTask, optimizer, lr_scheduler, step: int,
