@@ -35,6 +35,7 @@ test: install
 bench: install
 	$(PY) benchmarks/p1_scoring_cost.py
 	$(PY) benchmarks/p2_calora_step.py
+	$(PY) benchmarks/ray_train_overhead.py
 
 clean:
 	rm -rf outputs .pytest_cache
