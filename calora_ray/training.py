@@ -33,6 +33,7 @@ from .distributed import all_reduce_gradients, all_reduce_sum, rank_and_world
 from .losses import diffusion_loss, diffusion_target, noisy_latents
 from .lora import LORA_WEIGHT_NAME, attach_lora, check_modules, file_sha256, read_selection, save_lora
 from .models import Components, encode_images, encode_prompts, load_components, resolve_dtype
+from .outputs import atomic_write_text, prepare_run_dir
 from .plots import plot_loss
 from .sensitivity import find_candidates
 
@@ -288,34 +289,6 @@ RUN_IDENTITY = ("model", "model_seed", "data", "split", "num_images", "resolutio
                 "weight_decay", "lr_scheduler", "lr_warmup_steps")
 
 
-def prepare_run_dir(cfg: FinetuneConfig, modules: list[str]) -> Path:
-    """The output doubles as the run directory: new, or the same run again (resume), or an error."""
-    output = Path(cfg.output)
-    identity = {k: v for k, v in to_dict(cfg).items() if k in RUN_IDENTITY} | {"modules": modules}
-    record = output / "run_config.json"
-    if cfg.overwrite and output.exists():
-        shutil.rmtree(output)
-    if output.exists() and any(output.iterdir()):
-        if not record.is_file():
-            raise FileExistsError(f"--output {output}: directory exists and is not a calora_ray fine-tuning run "
-                                  f"(no run_config.json); pass --overwrite or choose another --output")
-        previous = json.loads(record.read_text())
-        changed = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
-        if changed:
-            raise ValueError(f"--output {output} holds a run with a different configuration ({', '.join(changed)} "
-                             f"differ), so it cannot be resumed; pass --overwrite to start over or choose "
-                             f"another --output")
-    output.mkdir(parents=True, exist_ok=True)
-    _atomic_write(record, json.dumps(identity, indent=2) + "\n")
-    return output
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """jobs/finetune.py: check inputs, train on Ray Train workers, write the adapter and reports.
 
@@ -329,8 +302,6 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
     cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).expanduser().resolve()))
     output = Path(cfg.output)
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"--output {output}: exists and is not a directory")
     selection = None if cfg.selection == "all" else read_selection(cfg.selection)
     dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
                            resolution=cfg.data.resolution, seed=0)
@@ -347,7 +318,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             delete_run(storage, name)
     else:
         storage, name = None, "ray_train"
-    prepare_run_dir(cfg, modules)
+    identity = {k: v for k, v in to_dict(cfg).items() if k in RUN_IDENTITY} | {"modules": modules}
+    prepare_run_dir(output, identity, cfg.overwrite, "calora_ray fine-tuning")
     storage = storage or check_storage_path(str(output))
     started = time.perf_counter()
     result = run_trainer(finetune_worker, {"cfg": cfg, "modules": modules}, name=name, storage_path=storage,
@@ -385,7 +357,7 @@ def write_finetune_outputs(cfg: FinetuneConfig, weights: Path, state: dict, modu
     with safe_open(str(output / LORA_WEIGHT_NAME), "pt") as f:
         lora_params = sum(f.get_tensor(k).numel() for k in f.keys())
         lora_modules = sorted({k.removeprefix("unet.").rsplit(".lora.", 1)[0] for k in f.keys()})
-    _atomic_write(output / "finetune.json", json.dumps({
+    atomic_write_text(output / "finetune.json", json.dumps({
         "lora": LORA_WEIGHT_NAME,
         "lora_sha256": file_sha256(output / LORA_WEIGHT_NAME),
         "selection": cfg.selection,

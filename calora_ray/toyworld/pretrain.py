@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,11 +37,11 @@ from torch import nn
 from calora_ray import __version__
 from calora_ray.config import PretrainConfig, to_dict
 from calora_ray.models import Components, build_tokenizer, load_components, save_components
+from calora_ray.outputs import prepare_run_dir
 from calora_ray.toyworld.world import BASE_PROMPTS, CONDITION_PHRASES
 from calora_ray.training import diffusion_step_loss, step_generator
 
 CHECKPOINT = "checkpoint.pt"
-RUN_RECORD = "run_config.json"
 REPORT = "pretrain.json"
 CARD = "MODEL_CARD.md"
 DIFFUSERS_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -336,25 +335,8 @@ def run_identity(cfg: PretrainConfig) -> dict:
 
 def prepare_output(cfg: PretrainConfig) -> Path:
     """The output doubles as the run directory: new, or the same run again (resume), or an error."""
-    output = Path(cfg.output).expanduser().resolve()
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"--output {output}: exists and is not a directory")
-    if cfg.overwrite and output.exists():
-        shutil.rmtree(output)
-    identity = run_identity(cfg)
-    record = output / RUN_RECORD
-    if output.is_dir() and any(output.iterdir()):
-        if not record.is_file():
-            raise FileExistsError(f"--output {output}: directory exists and is not a pretrain_toy run (no "
-                                  f"{RUN_RECORD}); pass --overwrite to replace it or choose another --output")
-        previous = json.loads(record.read_text())
-        changed = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
-        if changed:
-            raise ValueError(f"--output {output} holds a run with a different configuration ({', '.join(changed)} "
-                             f"differ), so it cannot be continued; pass --overwrite to start over or choose "
-                             f"another --output")
-    output.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(identity, indent=2) + "\n")
+    output = prepare_run_dir(Path(cfg.output).expanduser().resolve(), run_identity(cfg), cfg.overwrite,
+                             "pretrain_toy")
     # The model directory is committed; the resumable training state (~100 MB) is not.
     (output / ".gitignore").write_text(f"{CHECKPOINT}\n.*.tmp\n")
     return output
