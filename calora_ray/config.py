@@ -24,7 +24,7 @@ import yaml
 
 from .selection import SELECTION_MODES
 
-JOB_SECTIONS = ("score", "finetune", "sample", "pretrain_toy")
+JOB_SECTIONS = ("score", "finetune", "sample", "pretrain_toy", "measure", "train_controlnet", "generate", "serve")
 
 
 class ConfigError(ValueError):
@@ -387,6 +387,50 @@ class PretrainConfig:
             raise ConfigError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+
+
+
+@dataclass
+class MeasureConfig:
+    """jobs/measure.py: prompt adherence, domain alignment (kernel MMD), memorisation and label
+    fidelity of generated samples, measured with the toy-world probe (or CLIP for real models)."""
+
+    samples: str = field(default="outputs/samples", metadata=_help(
+        "The samples to measure: a jobs/sample.py output (samples.json + PNGs) or Parquet shards "
+        "written by jobs/generate.py (a directory or any fsspec URI)."))
+    reference: str | None = field(default="toy:target", metadata=_help(
+        "Domain-alignment reference: a dataset source (toy:target, toy:world, a Cityscapes-layout "
+        "directory) or Parquet shards; its --reference-split. null/none: skip the MMD."))
+    reference_split: str = field(default="val", metadata=_help("Split of --reference (dataset sources only)."))
+    reference_images: int = field(default=200, metadata=_help("At most this many reference images."))
+    train_data: str | None = field(default="toy:target", metadata=_help(
+        "The images the model was fine-tuned on (memorisation: distance of each sample to its nearest "
+        "training image); its train split. null/none: skip memorisation."))
+    train_images: int = field(default=30, metadata=_help("How many --train-data images (the few-shot split)."))
+    max_samples: int | None = field(default=None, metadata=_help("Measure at most this many samples (default: all)."))
+    probe: str | None = field(default=None, metadata=_help(
+        "Directory of the toy-world probe's weights; trained (deterministically, ~2 min on 2 cores) "
+        "and cached there when absent. Default: <venv>/share/calora_ray/probe."))
+    clip: str | None = field(default=None, metadata=_help(
+        "A CLIP model (hub id or local directory, e.g. openai/clip-vit-large-patch14) for real models: "
+        "CMMD and CLIP-score instead of the toy probe."))
+    kernel_bandwidth: float | None = field(default=None, metadata=_help(
+        "RBF kernel bandwidth of the MMD; default: the median pairwise distance of the reference features."))
+    resolution: int = field(default=64, metadata=_help("Images are resized to this side before the probe."))
+    seed: int = field(default=0, metadata=_help("Seed of the probe training and of subsampling."))
+    output: str = field(default="outputs/measure.json", metadata=_help("The JSON report (any fsspec URI)."))
+
+    def __post_init__(self):
+        for name in ("reference_images", "train_images", "resolution"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"--max-samples must be >= 1, got {self.max_samples}")
+        if self.kernel_bandwidth is not None and self.kernel_bandwidth <= 0:
+            raise ConfigError(f"--kernel-bandwidth must be > 0, got {self.kernel_bandwidth}")
+        for name in ("reference", "train_data"):
+            if isinstance(getattr(self, name), str) and getattr(self, name).lower() in ("", "none", "null"):
+                setattr(self, name, None)
 
 
 # ----------------------------------------------------------------------------- parsing
