@@ -433,6 +433,123 @@ class MeasureConfig:
                 setattr(self, name, None)
 
 
+@dataclass
+class ControlNetConfig:
+    """jobs/train_controlnet.py: a segmentation ControlNet (conditioning: the colour-coded label map)
+    trained on target (image, label) pairs on top of the base UNet with the CA-LoRA adapter applied."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(data="toy:target"))
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: str | None = field(default=None, metadata=_help(
+        "A jobs/finetune.py output (pytorch_lora_weights.safetensors): applied to the UNet, frozen, "
+        "while the ControlNet trains; the same adapter is then used for generation."))
+    caption: str = field(default="Photorealistic first-person urban street view", metadata=_help(
+        "Caption of every training pair (the paper's base prompt)."))
+    caption_with_classes: bool = field(default=True, metadata=_help(
+        "Append ' with {class names}' (the classes present in each label), as generation prompts do."))
+    output: str = field(default="outputs/controlnet", metadata=_help(
+        "Output (and run) directory: the ControlNet in the diffusers format (config.json + "
+        "diffusion_pytorch_model.safetensors; ControlNetModel.from_pretrained loads it), controlnet.json, "
+        "loss.csv, loss.png; checkpoints under ray_train/ unless --storage-path. Running again with the "
+        "same output resumes from the latest checkpoint."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Delete the output directory (and its checkpoints) first and start over."))
+
+
+@dataclass
+class GenerateConfig:
+    """jobs/generate.py: label maps -> a synthetic segmentation dataset in Parquet shards (Ray Data)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: str | None = field(default=None, metadata=_help(
+        "A jobs/finetune.py output (pytorch_lora_weights.safetensors), applied to the UNet."))
+    controlnet: str | None = field(default=None, metadata=_help(
+        "Required: a segmentation ControlNet directory (jobs/train_controlnet.py output) that turns the "
+        "colour-coded label map into the image, so the label is exact by construction."))
+    masks: str = field(default="toy", metadata=_help(
+        "Where the label maps come from: 'toy' (= 'toy:target'), 'toy:source', 'toy:world', a "
+        "Cityscapes-layout directory (gtFine/<split>/<city>/*_gtFine_labelIds.png), or Parquet shards "
+        "with a 'label' column (this job's output, or yours); paths or any fsspec URI (s3://...)."))
+    split: str = field(default="train", metadata=_help("Split of --masks (toy and Cityscapes sources)."))
+    num_masks: int | None = field(default=None, metadata=_help(
+        "Use only the first N masks of the source (default: all; toy: 30 train / 100 val)."))
+    num_samples: int = field(default=100, metadata=_help(
+        "Samples to generate; sample i uses usable mask i mod (number of usable masks)."))
+    seed: int = field(default=0, metadata=_help(
+        "Job seed: sample i's noise seed, condition, augmentation and sample_id derive from (seed, i)."))
+    resolution: int | None = field(default=None, metadata=_help(
+        "Square image side in pixels; default: the model's native size. Masks are centre-cropped to a "
+        "square and resized nearest-neighbour to it; masks smaller than it are skipped."))
+    steps: int = field(default=25, metadata=_help("Sampling steps."))
+    guidance: float = field(default=4.0, metadata=_help("Classifier-free guidance scale."))
+    conditioning_scale: float = field(default=1.0, metadata=_help("ControlNet conditioning scale."))
+    conditions: list[str] = field(default_factory=lambda: ["clear", "foggy", "night", "rainy", "snowy"], metadata=_help(
+        "Conditions the prompts name, any of clear, foggy, night, rainy, snowy (phrased as the toy "
+        "world's captions: ' in clear weather', ' at night', ...)."))
+    condition_weights: list[float] | None = field(default=None, metadata=_help(
+        "Relative frequency of each of --conditions (default: equal)."))
+    prompt_template: str | None = field(default=None, metadata=_help(
+        "Default: the paper's 'Photorealistic first-person urban street view with {classes}{condition}'. "
+        "A template of yours may use {classes} ('road, building and car'), {condition} (' at night') "
+        "and {condition_name} ('night')."))
+    flip: bool = field(default=False, metadata=_help(
+        "Layout augmentation: flip each mask left-right with probability 1/2 (seeded per sample)."))
+    max_zoom: float = field(default=1.0, metadata=_help(
+        "Layout augmentation: crop a random square of 1/z of the mask's shorter side, z uniform in "
+        "[1, max_zoom] (1 = centre crop of the whole shorter side)."))
+    rows_per_shard: int = field(default=512, metadata=_help(
+        "Rows per Parquet shard (the last shard holds the rest): the unit of work, commit and resume."))
+    row_group_size: int = field(default=64, metadata=_help("Rows per Parquet row group."))
+    num_actors: int | None = field(default=None, metadata=_help(
+        "Generator actors (each loads the model once): default one per GPU of the cluster, or 1 without GPUs."))
+    batch_size: int = field(default=4, metadata=_help("Images per generate() call inside an actor."))
+    cpus_per_actor: float | None = field(default=None, metadata=_help(
+        "CPUs reserved per actor (its torch threads): default 1 with GPUs, else the cluster's CPUs / actors."))
+    use_gpu: str = field(default="auto", metadata=_help(
+        "'auto' (one GPU per actor when the cluster has them), 'true' or 'false'.",
+        choices=("auto", "true", "false")))
+    strict: bool = field(default=False, metadata=_help(
+        "Fail on the first bad mask, naming it (default: skip bad masks and list them in manifest.json)."))
+    preview_samples: int = field(default=8, metadata=_help("Samples shown in preview.png."))
+    output: str = field(default="outputs/generate", metadata=_help(
+        "Output URI (a path, file://, s3://, ...): data/shard-*.parquet, manifest.json, README.md, "
+        "preview.png. Running the same command again resumes: completed shards are kept."))
+    overwrite: bool = field(default=False, metadata=_help("Delete the output first and start over."))
+    simulate_failure_at_shard: int | None = field(default=None, metadata=_help(
+        "Testing: the actor asked for this shard raises (to exercise resume)."))
+
+    def __post_init__(self):
+        check_choice("use_gpu", self.use_gpu, ("auto", "true", "false"))
+        for name in ("num_samples", "steps", "rows_per_shard", "row_group_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_masks", "num_actors", "resolution"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise ConfigError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if self.seed < 0 or self.guidance < 0 or self.preview_samples < 0:
+            raise ConfigError("--seed, --guidance and --preview-samples must be >= 0")
+        if self.max_zoom < 1:
+            raise ConfigError(f"--max-zoom must be >= 1, got {self.max_zoom}")
+        if not self.conditions:
+            raise ConfigError("--conditions needs at least one condition")
+        if self.condition_weights is not None:
+            if len(self.condition_weights) != len(self.conditions):
+                raise ConfigError(f"--condition-weights needs one weight per condition ({len(self.conditions)}), "
+                                  f"got {len(self.condition_weights)}")
+            if any(w < 0 for w in self.condition_weights) or sum(self.condition_weights) <= 0:
+                raise ConfigError("--condition-weights must be >= 0 with a positive sum")
+        if self.prompt_template is not None:
+            try:
+                self.prompt_template.format(classes="road", condition=" at night", condition_name="night")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(f"--prompt-template: may use only {{classes}}, {{condition}} and "
+                                  f"{{condition_name}} ({type(e).__name__}: {e})") from None
+
+
 # ----------------------------------------------------------------------------- parsing
 
 

@@ -17,7 +17,10 @@ The pieces, each usable on its own:
 
 from __future__ import annotations
 
+import hashlib
 import io
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -265,6 +268,278 @@ def _local_dir(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
-__all__ = ["MaskGenerator", "SamplePlan", "augment_layout", "build_prompt", "class_pixels", "control_image",
+# ----------------------------------------------------------------------------- shards (the Ray Data adapter)
+
+
+class ShardGenerator:
+    """Ray Data callable class: `map_batches(ShardGenerator, fn_constructor_kwargs=..., batch_size=1,
+    compute=ActorPoolStrategy(...))` over rows {"shard": k}. Each actor loads the model once; each
+    call generates shard k's samples (in batches of cfg.batch_size), writes and commits the shard
+    (calora_ray.shards) and returns its commit record. The rows never pass through the driver.
+
+    cfg: the GenerateConfig; masks: the usable mask refs (sample i uses masks[i % len(masks)]);
+    resolution: the image side; threads: torch CPU threads; device: where the model runs.
+    """
+
+    def __init__(self, cfg, masks: list[str], resolution: int, threads: int | None = None,
+                 device: str | None = None):
+        from .cli import quiet_libraries
+        from .data.masks import MaskReader
+        from .models import resolve_dtype
+        from .shards import ShardStore
+
+        quiet_libraries()
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cfg, self.masks, self.resolution = cfg, list(masks), resolution
+        self.generator = MaskGenerator(cfg.model.model, lora=cfg.lora, controlnet=cfg.controlnet, device=device,
+                                       dtype=resolve_dtype(cfg.model.mixed_precision, device),
+                                       model_seed=cfg.model.model_seed)
+        self.reader = MaskReader()
+        self.store = ShardStore(cfg.output)
+        self.weights = cfg.condition_weights or [1.0] * len(cfg.conditions)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import json
+
+        records = [self.make_shard(int(k)) for k in batch["shard"]]
+        return {"shard": np.array([r["shard"] for r in records], dtype=np.int64),
+                "rows": np.array([r["rows"] for r in records], dtype=np.int64),
+                "record": np.array([json.dumps(r) for r in records], dtype=object)}
+
+    def plan(self, index: int) -> SamplePlan:
+        cfg = self.cfg
+        return plan_sample(cfg.seed, index, len(self.masks), cfg.conditions, self.weights, cfg.flip, cfg.max_zoom)
+
+    def make_rows(self, indices) -> dict[str, list]:
+        """The shard-schema columns of samples `indices` (generated in batches of cfg.batch_size)."""
+        cfg = self.cfg
+        rows: dict[str, list] = {name: [] for name in ("sample_id", "image", "label", "prompt", "condition", "seed",
+                                                       "width", "height", "class_pixels", "model", "lora_sha256",
+                                                       "mask")}
+        plans = [self.plan(i) for i in indices]
+        for start in range(0, len(plans), cfg.batch_size):
+            chunk = plans[start:start + cfg.batch_size]
+            labels = [augment_layout(self.reader.load(self.masks[p.mask]), self.resolution, p.flip, p.zoom, p.offset)
+                      for p in chunk]
+            prompts = [build_prompt(label, p.condition, cfg.prompt_template) for label, p in zip(labels, chunk)]
+            images = self.generator.generate(labels, prompts, [p.seed for p in chunk], cfg.steps, cfg.guidance,
+                                             cfg.conditioning_scale)
+            for p, label, prompt, image in zip(chunk, labels, prompts, images):
+                rows["sample_id"].append(p.sample_id)
+                rows["image"].append(png_bytes(image))
+                rows["label"].append(png_bytes(label))
+                rows["prompt"].append(prompt)
+                rows["condition"].append(p.condition)
+                rows["seed"].append(p.seed)
+                rows["width"].append(label.shape[1])
+                rows["height"].append(label.shape[0])
+                rows["class_pixels"].append(class_pixels(label))
+                rows["model"].append(cfg.model.model)
+                rows["lora_sha256"].append(self.generator.lora_sha256)
+                rows["mask"].append(self.masks[p.mask])
+        return rows
+
+    def make_shard(self, k: int) -> dict:
+        from .shards import shard_ranges, table_bytes
+
+        if self.cfg.simulate_failure_at_shard == k:
+            raise RuntimeError(f"simulated failure while generating shard {k} (--simulate-failure-at-shard)")
+        indices = shard_ranges(self.cfg.num_samples, self.cfg.rows_per_shard)[k]
+        rows = self.make_rows(indices)
+        data = table_bytes(rows, self.cfg.row_group_size)
+        return self.store.write_shard(k, data, len(indices), rows["sample_id"][0], rows["sample_id"][-1])
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+# Knobs that do not change what a sample is: a rerun may change them and still resume.
+# (A different --batch-size may change an image by float rounding of batched kernels, not its content.)
+NOT_IDENTITY = ("num_actors", "batch_size", "cpus_per_actor", "use_gpu", "strict", "preview_samples", "overwrite",
+                "simulate_failure_at_shard", "output", "row_group_size")
+
+
+def _file_hash(path: str) -> str:
+    from .lora import file_sha256
+
+    return file_sha256(path)
+
+
+def check_generate_inputs(cfg) -> dict:
+    """Everything the driver checks before Ray starts: returns {resolution, lora_sha256, controlnet_sha256}."""
+    from pathlib import Path
+
+    from .lora import LORA_WEIGHT_NAME
+    from .models import load_unet_skeleton
+
+    if cfg.controlnet is None:
+        raise ValueError("--controlnet is required: a segmentation ControlNet (jobs/train_controlnet.py output) "
+                         "turns each label map into its image")
+    unknown = [c for c in cfg.conditions if c not in CONDITION_PHRASES]
+    if unknown:
+        raise ValueError(f"--conditions: unknown {', '.join(unknown)}; valid: {', '.join(CONDITIONS)}")
+    for flag, uri in (("--output", cfg.output), ("--masks", cfg.masks)):
+        if uri.startswith("memory://"):
+            raise ValueError(f"{flag} {uri}: memory:// lives inside one process and the Ray actors cannot see it; "
+                             "use a path, file:// or an object store (s3://, gs://, ...)")
+    lora_sha = ""
+    if cfg.lora is not None:
+        lora_file = Path(_local_dir(cfg.lora)) / LORA_WEIGHT_NAME
+        if not lora_file.is_file():
+            raise FileNotFoundError(f"--lora {cfg.lora}: no {LORA_WEIGHT_NAME} there (pass a jobs/finetune.py output)")
+        lora_sha = _file_hash(str(lora_file))
+    cn_dir = Path(_local_dir(cfg.controlnet))
+    weights = [w for w in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin") if (cn_dir / w).is_file()]
+    if not (cn_dir / "config.json").is_file() or not weights:
+        raise FileNotFoundError(f"--controlnet {cfg.controlnet}: not a diffusers ControlNet directory (needs config.json "
+                                "and diffusion_pytorch_model.safetensors; pass a jobs/train_controlnet.py output)")
+    import json
+
+    cn_config = json.loads((cn_dir / "config.json").read_text())
+    factor = 2 ** (len(cn_config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1)
+    resolution = cfg.resolution or load_unet_skeleton(cfg.model.model, cfg.model.model_seed).config.sample_size * factor
+    if resolution % (factor * 8):
+        raise ValueError(f"--resolution {resolution} must be a multiple of {factor * 8} (VAE factor {factor} x 8)")
+    return {"resolution": resolution, "lora_sha256": lora_sha, "controlnet_sha256": _file_hash(str(cn_dir / weights[0]))}
+
+
+def generation_resources(num_actors: int | None, use_gpu: str, cpus_per_actor: float | None,
+                         wait_s: float = 60.0) -> tuple[int, bool, float]:
+    """(actors, a GPU each?, CPUs each) that the cluster can host.
+
+    Without GPUs the actors share the cluster's CPUs (one actor by default, with all of them); the
+    pipeline has no other task that needs a CPU (the input rows come from the driver and the actors
+    write their own shards), so an actor pool that reserves every CPU cannot starve a writer — the
+    2-CPU hang of actors + write_parquet (ECOSYSTEM.md) has no writer task to wait for here.
+    """
+    import ray
+
+    from .distributed import ClusterResourceError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        total = ray.cluster_resources()
+        cpus, gpus = float(total.get("CPU", 0)), int(total.get("GPU", 0))
+        gpu = gpus >= 1 if use_gpu == "auto" else use_gpu == "true"
+        actors = num_actors or (max(1, gpus) if gpu else 1)
+        per_actor = cpus_per_actor or (1.0 if gpu else max(1.0, float(int(cpus // actors))))
+        missing = []
+        if gpu and gpus < actors:
+            missing.append(f"{actors} GPU(s) (one per actor); the cluster has {gpus}")
+        if per_actor * actors > cpus:
+            missing.append(f"{per_actor * actors:g} CPU(s) ({actors} actors x {per_actor:g}); the cluster has {cpus:g}")
+        if not missing:
+            return actors, gpu, per_actor
+        if time.monotonic() >= deadline:
+            raise ClusterResourceError("generation needs " + " and ".join(missing) +
+                                       " (lower --num-actors or --cpus-per-actor, or use --use-gpu false)")
+        time.sleep(1.0)
+
+
+def run_generate(cfg, progress: bool = True) -> dict:
+    """jobs/generate.py: check the inputs and masks, generate the missing shards on a Ray Data actor
+    pool, then write manifest.json, README.md and preview.png. Returns the run summary.
+
+    Rerunning the same command resumes: shards with a commit record are kept, every other file
+    under data/ is deleted, and only the missing shards are generated.
+    """
+    import json
+
+    import ray
+
+    from . import __version__
+    from .config import to_dict
+    from .data.masks import check_masks, list_masks
+    from .distributed import ensure_ray
+    from .shards import MANIFEST, ShardStore, dataset_card, dataset_stats, preview_image, shard_ranges
+
+    checked = check_generate_inputs(cfg)
+    resolution = checked["resolution"]
+    refs = list_masks(cfg.masks, cfg.split, cfg.num_masks, resolution)
+    masks, skipped = check_masks(refs, resolution, strict=cfg.strict)
+    if not masks:
+        raise ValueError(f"--masks {cfg.masks}: none of its {len(refs)} masks is usable; e.g. {skipped[0]['reason']}")
+    store = ShardStore(cfg.output)
+    identity = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY}
+    identity |= {"resolution": resolution, "lora_sha256": checked["lora_sha256"],
+                 "controlnet_sha256": checked["controlnet_sha256"],
+                 "masks_sha256": hashlib.sha256("\n".join(masks).encode()).hexdigest()}
+    completed = store.prepare(identity, cfg.overwrite)
+    shards = shard_ranges(cfg.num_samples, cfg.rows_per_shard)
+    pending = [k for k in range(len(shards)) if k not in completed]
+
+    started = time.perf_counter()
+    new_samples = sum(len(shards[k]) for k in pending)
+    actors = gpu = per_actor = None
+    if pending:
+        ensure_ray()
+        actors, gpu, per_actor = generation_resources(cfg.num_actors, cfg.use_gpu, cfg.cpus_per_actor)
+        actors = min(actors, len(pending))
+        ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
+        ds = ds.map_batches(
+            ShardGenerator, batch_size=1,
+            fn_constructor_kwargs={"cfg": cfg, "masks": masks, "resolution": resolution,
+                                   "threads": None if gpu else int(per_actor)},
+            # one shard in flight per actor: shards are long, so queueing them would only unbalance the pool
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+            num_cpus=per_actor, num_gpus=1 if gpu else 0)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.num_samples, initial=cfg.num_samples - new_samples, unit="img", desc="generate",
+                       file=sys.stderr)
+        for row in ds.iter_rows():  # one small commit record per shard: the rows stay in the shards
+            completed[int(row["shard"])] = json.loads(row["record"])
+            if bar is not None:
+                bar.update(int(row["rows"]))
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - started
+
+    completed = store.completed()
+    missing = [k for k in range(len(shards)) if k not in completed]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shard(s) were not committed ({', '.join(map(str, missing[:10]))}); "
+                           "run the same command again to generate them")
+    records = [completed[k] for k in range(len(shards))]
+    stats = dataset_stats(store, records)
+    example_prompt = store.read_shard(records[0]["file"], ["prompt"]).column(0)[0].as_py()
+    manifest = {
+        "format": "calora_ray generate shards v1",
+        "num_samples": cfg.num_samples,
+        "num_shards": len(records),
+        "rows_per_shard": cfg.rows_per_shard,
+        "resolution": resolution,
+        "shards": records,
+        "stats": stats,
+        "num_masks": len(refs),
+        "num_usable_masks": len(masks),
+        "skipped": skipped,
+        "lora_sha256": checked["lora_sha256"],
+        "controlnet_sha256": checked["controlnet_sha256"],
+        "example_prompt": example_prompt,
+        "this_run": {"generated_samples": new_samples, "generated_shards": len(pending),
+                     "resumed_shards": len(records) - len(pending), "elapsed_s": round(elapsed, 3),
+                     "images_per_s": round(new_samples / elapsed, 3) if new_samples and elapsed > 0 else None,
+                     "actors": actors, "gpu_per_actor": gpu, "cpus_per_actor": per_actor},
+        "calora_ray_version": __version__,
+        "config": to_dict(cfg),
+    }
+    store.write_text(MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    store.write_text("README.md", dataset_card(manifest))
+    grid = preview_image(store, records, cfg.preview_samples)
+    if grid is not None:
+        buf = io.BytesIO()
+        grid.save(buf, format="PNG")
+        store.put("preview.png", buf.getvalue())
+    return {"output": store.uri, "samples": stats["rows"], "unique_sample_ids": stats["unique_sample_ids"],
+            "shards": len(records), "generated_samples": new_samples, "resumed_shards": len(records) - len(pending),
+            "elapsed_s": elapsed, "images_per_s": manifest["this_run"]["images_per_s"], "skipped": len(skipped)}
+
+
+__all__ = ["MaskGenerator", "ShardGenerator", "run_generate", "SamplePlan", "augment_layout", "build_prompt", "class_pixels", "control_image",
            "conditioning_channels", "load_controlnet", "plan_sample", "png_bytes", "sample_id", "sample_seed",
            "CLASS_NAMES", "IGNORE_INDEX"]

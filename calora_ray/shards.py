@@ -1,0 +1,327 @@
+"""Parquet shards on any fsspec URI, committed atomically, resumable: the generate job's output.
+
+Layout of an output URI:
+
+    data/shard-00000.parquet ...   the rows (rows-per-shard each; the last one may hold fewer)
+    _commits/shard-00000.json ...  one small commit record per completed shard
+    run_config.json                what defines the run (a rerun resumes only if it matches)
+    manifest.json                  config, counts, shards (rows, bytes, sha256), skipped inputs
+    README.md                      the dataset card
+    preview.png                    image | label overlay of the first samples
+
+A shard is written in two steps: its file (through a hidden temporary name and a rename where
+the filesystem renames atomically, i.e. local disks; in one PUT on object stores such as S3,
+where an object appears whole or not at all), then its commit record. Only a shard with a commit
+record counts: a rerun deletes every other file under data/ (a crash's leftovers) and
+regenerates exactly the shards without a record. The data directory reads as one table with
+pyarrow (`pq.read_table(OUT + "/data")`), Ray Data, HF `datasets` or pandas, which skip hidden files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from calora_ray.data.masks import url_to_fs
+
+DATA_DIR = "data"
+COMMIT_DIR = "_commits"
+RUN_RECORD = "run_config.json"
+MANIFEST = "manifest.json"
+
+# The shard schema (README "Shard format"). Image / label are PNG bytes; the Hugging Face metadata
+# makes `datasets` decode them as images.
+SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("image", pa.binary()),
+    ("label", pa.binary()),
+    ("prompt", pa.string()),
+    ("condition", pa.string()),
+    ("seed", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("class_pixels", pa.list_(pa.int64())),
+    ("model", pa.string()),
+    ("lora_sha256", pa.string()),
+    ("mask", pa.string()),
+], metadata={b"huggingface": json.dumps({"info": {"features": {
+    "sample_id": {"dtype": "string", "_type": "Value"},
+    "image": {"_type": "Image"},
+    "label": {"_type": "Image"},
+    "prompt": {"dtype": "string", "_type": "Value"},
+    "condition": {"dtype": "string", "_type": "Value"},
+    "seed": {"dtype": "int64", "_type": "Value"},
+    "width": {"dtype": "int32", "_type": "Value"},
+    "height": {"dtype": "int32", "_type": "Value"},
+    "class_pixels": {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "Sequence"},
+    "model": {"dtype": "string", "_type": "Value"},
+    "lora_sha256": {"dtype": "string", "_type": "Value"},
+    "mask": {"dtype": "string", "_type": "Value"},
+}}}).encode()})
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def shard_ranges(num_samples: int, rows_per_shard: int) -> list[range]:
+    """Sample indices of each shard: shard k holds [k*R, min((k+1)*R, N))."""
+    return [range(start, min(start + rows_per_shard, num_samples)) for start in range(0, num_samples, rows_per_shard)]
+
+
+def table_bytes(rows: dict[str, list], row_group_size: int = 64) -> bytes:
+    """A Parquet file (bytes) of `rows` (column -> values, SCHEMA's columns). PNG columns are not
+    compressed again (they are compressed already); the rest use zstd."""
+    table = pa.Table.from_pydict(rows, schema=SCHEMA)
+    buf = io.BytesIO()
+    compression = {name: ("NONE" if name in ("image", "label") else "ZSTD") for name in SCHEMA.names}
+    pq.write_table(table, buf, row_group_size=row_group_size, compression=compression)
+    return buf.getvalue()
+
+
+class ShardStore:
+    """The output URI of a generate run: shards, commit records, run record, manifest, card."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = url_to_fs(self.uri)
+        self.root = self.root.rstrip("/")
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.local = protocol in ("file", "local")  # the one kind of store here with an atomic rename
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # --------------------------------------------------------------- writing
+    def put(self, relative: str, data: bytes) -> None:
+        """Write a whole file so that a reader never sees part of it."""
+        target = self.path(relative)
+        parent = target.rsplit("/", 1)[0]
+        if self.local:
+            self.fs.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, target)  # os.rename: atomic on one filesystem
+        else:
+            self.fs.pipe_file(target, data)  # one PUT: the object appears whole or not at all
+
+    def write_shard(self, index: int, data: bytes, num_rows: int, first_id: str, last_id: str) -> dict:
+        """Write shard `index`'s Parquet bytes, then its commit record; returns the record."""
+        file = f"{DATA_DIR}/{shard_name(index)}.parquet"
+        self.put(file, data)
+        record = {"shard": index, "file": file, "rows": num_rows, "bytes": len(data),
+                  "sha256": hashlib.sha256(data).hexdigest(), "first_sample_id": first_id, "last_sample_id": last_id}
+        self.put(f"{COMMIT_DIR}/{shard_name(index)}.json", json.dumps(record).encode())
+        return record
+
+    def write_text(self, relative: str, text: str) -> None:
+        self.put(relative, text.encode())
+
+    # --------------------------------------------------------------- reading, resuming
+    def read_json(self, relative: str):
+        try:
+            return json.loads(self.fs.cat_file(self.path(relative)))
+        except FileNotFoundError:
+            return None
+
+    def completed(self) -> dict[int, dict]:
+        """Commit records of the completed shards, by shard index (a record whose file is gone or
+        has another size does not count)."""
+        out = {}
+        try:
+            names = self.fs.ls(self.path(COMMIT_DIR), detail=False)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            base = name.rstrip("/").rsplit("/", 1)[-1]
+            if not (base.startswith("shard-") and base.endswith(".json")):
+                continue
+            record = json.loads(self.fs.cat_file(name))
+            try:
+                size = self.fs.size(self.path(record["file"]))
+            except FileNotFoundError:
+                continue
+            if size == record["bytes"]:
+                out[int(record["shard"])] = record
+        return out
+
+    def remove_uncommitted(self, committed: dict[int, dict]) -> list[str]:
+        """Delete every file under data/ that no commit record names (temporary files and shards a
+        crash left without a record); returns what was deleted."""
+        norm = self.fs._strip_protocol
+        keep = {norm(self.path(r["file"])) for r in committed.values()}
+        try:
+            files = self.fs.find(self.path(DATA_DIR))
+        except FileNotFoundError:
+            return []
+        gone = [f for f in files if norm(f) not in keep]
+        for f in gone:
+            self.fs.rm_file(f)
+        return gone
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.root) and bool(self.fs.ls(self.root, detail=False))
+
+    def prepare(self, identity: dict, overwrite: bool) -> dict[int, dict]:
+        """Start or resume the run at this URI; returns the completed shards to skip.
+
+        New/empty: the run record is written. Same run (its run_config.json equals `identity`):
+        resumes. Anything else is an error naming what differs; overwrite deletes it first.
+        """
+        if overwrite and self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+        if self.exists():
+            previous = self.read_json(RUN_RECORD)
+            if previous is None:
+                raise FileExistsError(f"--output {self.uri}: exists and is not a generate run (no {RUN_RECORD}); "
+                                      "pass --overwrite to replace it or choose another --output")
+            identity = json.loads(json.dumps(identity, default=str))
+            changed = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
+            if changed:
+                raise ValueError(f"--output {self.uri} holds a run with a different configuration "
+                                 f"({', '.join(changed)} differ), so it cannot be resumed; pass --overwrite "
+                                 "to start over or choose another --output")
+            committed = self.completed()
+            self.remove_uncommitted(committed)
+            return committed
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.write_text(RUN_RECORD, json.dumps(identity, indent=2, default=str) + "\n")
+        return {}
+
+    def read_shard(self, index_or_file, columns: list[str] | None = None) -> pa.Table:
+        file = index_or_file if isinstance(index_or_file, str) else f"{DATA_DIR}/{shard_name(index_or_file)}.parquet"
+        with self.fs.open(self.path(file), "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+
+def read_dataset(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Every committed row of a generate output (its data/ directory) as one pyarrow Table."""
+    store = ShardStore(uri)
+    tables = [store.read_shard(r["file"], columns) for _, r in sorted(store.completed().items())]
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+# ----------------------------------------------------------------------------- manifest, card, preview
+
+
+def dataset_stats(store: ShardStore, records: list[dict]) -> dict:
+    """Counts over every committed row, read column by column (never the images): rows, unique
+    sample ids, rows per condition, pixels per class."""
+    from calora_ray.data.labels import CLASS_NAMES
+
+    rows, ids, conditions, pixels = 0, set(), {}, [0] * len(CLASS_NAMES)
+    for r in records:
+        t = store.read_shard(r["file"], ["sample_id", "condition", "class_pixels"])
+        rows += t.num_rows
+        ids.update(t.column("sample_id").to_pylist())
+        for c in t.column("condition").to_pylist():
+            conditions[c] = conditions.get(c, 0) + 1
+        for counts in t.column("class_pixels").to_pylist():
+            for i, n in enumerate(counts):
+                pixels[i] += n
+    return {"rows": rows, "unique_sample_ids": len(ids), "conditions": dict(sorted(conditions.items())),
+            "class_pixels": dict(zip(CLASS_NAMES, pixels))}
+
+
+def preview_image(store: ShardStore, records: list[dict], num_samples: int):
+    """A grid of the first samples: image | colourised label | label over image, a row each."""
+    import numpy as np
+    from PIL import Image
+
+    from calora_ray.data.labels import colorize
+    from calora_ray.sampling import image_grid
+
+    rows, titles = [], []
+    for r in records:
+        if len(rows) >= num_samples:
+            break
+        columns = ["sample_id", "condition", "image", "label", "prompt"]
+        t = store.read_shard(r["file"], columns).slice(0, num_samples - len(rows))
+        for sid, condition, image, label, prompt in zip(*(t.column(c).to_pylist() for c in columns)):
+            img = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+            colours = colorize(np.asarray(Image.open(io.BytesIO(label))))
+            overlay = (0.5 * img + 0.5 * colours).round().astype(np.uint8)
+            rows.append([Image.fromarray(img), Image.fromarray(colours), Image.fromarray(overlay)])
+            titles.append(f"{sid} ({condition}; image | label | overlay): {prompt}")
+    return image_grid(rows, titles) if rows else None
+
+
+def measures_section(measures: dict | None) -> str:
+    """The card's measures: label fidelity and prompt adherence of a sample of the rows, measured
+    with the toy-world probe (jobs/measure.py). `measures` None: the card says they were not measured."""
+    if not measures:
+        return ("Label fidelity and prompt adherence have not been measured for this dataset. For a "
+                "toy-world model: `python jobs/measure.py --samples <this URI>`.\n")
+    lines = ["| measure | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in measures.items()]
+    return "\n".join(lines) + "\n"
+
+
+def dataset_card(manifest: dict, measures: dict | None = None) -> str:
+    """README.md of a generated dataset: what it is, how it was made, its format, how to read it."""
+    cfg, stats = manifest["config"], manifest["stats"]
+    conditions = ", ".join(f"{c} {n}" for c, n in stats["conditions"].items())
+    total_pixels = max(1, sum(stats["class_pixels"].values()))
+    classes = "\n".join(f"| {name} | {100 * n / total_pixels:.2f} % |" for name, n in stats["class_pixels"].items() if n)
+    skipped = "".join(f"- `{s['mask']}`: {s['reason']}\n" for s in manifest["skipped"][:20])
+    if len(manifest["skipped"]) > 20:
+        skipped += f"- ... {len(manifest['skipped']) - 20} more in manifest.json\n"
+    return f"""# Synthetic segmentation dataset ({manifest['num_samples']} samples)
+
+Image–label pairs generated by calora_ray's `jobs/generate.py`: each label map (Cityscapes train
+ids) was turned into an image by a segmentation ControlNet on the base model with the CA-LoRA
+adapter, so the label is the image's label by construction.
+
+- base model: `{cfg['model']}`; LoRA sha256: `{manifest['lora_sha256'] or 'none'}`
+- ControlNet: `{cfg['controlnet']}` (sha256 `{manifest['controlnet_sha256']}`)
+- masks: `{cfg['masks']}` (split `{cfg['split']}`): {manifest['num_masks']} listed,
+  {manifest['num_usable_masks']} usable, {len(manifest['skipped'])} skipped; layout augmentation: flip
+  {cfg['flip']}, max zoom {cfg['max_zoom']}
+- prompts: {'`' + cfg['prompt_template'] + '`' if cfg['prompt_template'] else "the paper's template, e.g. `" + manifest['example_prompt'] + '`'}
+- conditions (rows): {conditions}
+- {cfg['steps']} sampling steps, guidance {cfg['guidance']}, ControlNet scale {cfg['conditioning_scale']},
+  {manifest['resolution']}x{manifest['resolution']} pixels, job seed {cfg['seed']}
+
+## Format
+
+{manifest['num_shards']} Parquet shards under `data/` ({cfg['rows_per_shard']} rows each, the last one
+the rest); `manifest.json` lists each with its row count and sha256. Columns:
+
+| column | type | |
+|---|---|---|
+| sample_id | string | `s<job seed>-<index>`, unique |
+| image | binary | PNG, RGB |
+| label | binary | PNG, mode L, uint8 train ids 0..18, 255 = ignore |
+| prompt | string | the prompt the image was generated with |
+| condition | string | clear / foggy / night / rainy / snowy |
+| seed | int64 | the image's noise seed (derived from the job seed and the index) |
+| width, height | int32 | image (and label) size |
+| class_pixels | list<int64> | pixels of train id 0..18 (index = id) |
+| model | string | the base model |
+| lora_sha256 | string | sha256 of the LoRA file ('' without one) |
+| mask | string | the source mask the label was made from |
+
+```python
+import pyarrow.parquet as pq; table = pq.read_table("data")
+import ray; ds = ray.data.read_parquet("data")
+import datasets; ds = datasets.load_dataset("parquet", data_files="data/*.parquet")
+```
+
+## Classes (share of labelled pixels)
+
+| class | pixels |
+|---|---|
+{classes}
+
+## Measures
+
+{measures_section(measures)}
+## Skipped masks
+
+{skipped or 'none'}
+"""
