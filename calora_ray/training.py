@@ -72,16 +72,19 @@ def captions_for(labels: list[np.ndarray], caption: str, with_classes: bool) -> 
 
 
 def diffusion_step_loss(components: Components, latents: torch.Tensor, cond: dict,
-                        generator: torch.Generator) -> torch.Tensor:
+                        generator: torch.Generator, control: Callable | None = None) -> torch.Tensor:
     """L_diff on a batch: random timesteps and noise (from `generator`), x_t, UNet, MSE to the target.
 
     latents: (B, C, h, w) clean x_0; cond: UNet conditioning kwargs with B rows.
+    control: optional (x_t, t) -> extra UNet kwargs (a ControlNet's residuals).
     """
     scheduler = components.noise_scheduler
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     t = t.to(latents.device)
-    pred = components.unet(noisy_latents(scheduler, latents, noise, t), t, **cond).sample
+    noisy = noisy_latents(scheduler, latents, noise, t)
+    extra = control(noisy, t) if control is not None else {}
+    pred = components.unet(noisy, t, **cond, **extra).sample
     return diffusion_loss(pred, diffusion_target(scheduler, latents, noise, t))
 
 
@@ -123,6 +126,63 @@ def lora_task(components: Components, modules: list[str], rank: int, alpha: floa
     return TrainingTask(components=components, params=[p for p in unet.parameters() if p.requires_grad],
                         module=unet, compute_loss=compute_loss, state_dict=state_dict,
                         load_state_dict=load_state_dict, save_final=lambda d: save_lora(components, unet, d))
+
+
+def controlnet_task(components: Components, *, lora: str | None = None, caption: str,
+                    caption_with_classes: bool = True, seed: int = 0,
+                    gradient_checkpointing: bool = False) -> TrainingTask:
+    """A segmentation ControlNet, initialised from the base UNet (diffusers' ControlNetModel.from_unet),
+    trained with L_diff to steer the frozen UNet — with the CA-LoRA adapter `lora` applied — from
+    the colour-coded label map (Cityscapes palette, at the label's own size: never interpolated).
+    """
+    from diffusers import ControlNetModel
+
+    from .data.labels import colorize
+    from .generation import conditioning_channels
+
+    unet = components.unet
+    torch.manual_seed(seed)  # the zero convolutions are zero; the conditioning embedding draws from here
+    # From the base UNet, before the adapter: the ControlNet copies plain encoder weights.
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=conditioning_channels(components.vae_scale_factor))
+    controlnet.to(device=unet.device, dtype=torch.float32)
+    if lora is not None:
+        components.pipeline().load_lora_weights(str(lora))  # patches the shared UNet in place
+    unet.requires_grad_(False)
+    controlnet.requires_grad_(True)
+    if gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    cache: dict[str, dict] = {}
+
+    def compute_loss(items: list[dict], generator: torch.Generator) -> torch.Tensor:
+        size = items[0]["image"].shape[0]
+        labels = [it["label"] for it in items]
+        prompts = captions_for(labels, caption, caption_with_classes)
+        for p in set(prompts) - cache.keys():
+            cache[p] = encode_prompts(components, [p], size, size)
+        cond = _stack_cond([cache[p] for p in prompts])
+        latents = encode_images(components, np.stack([it["image"] for it in items]), generator)
+        control_image = torch.from_numpy(np.stack([colorize(label) for label in labels])).permute(0, 3, 1, 2)
+        control_image = control_image.to(unet.device, torch.float32) / 255.0
+
+        def control(noisy, t):
+            down, mid = controlnet(noisy.float(), t, encoder_hidden_states=cond["encoder_hidden_states"].float(),
+                                   controlnet_cond=control_image, return_dict=False)
+            return {"down_block_additional_residuals": [d.to(noisy.dtype) for d in down],
+                    "mid_block_additional_residual": mid.to(noisy.dtype)}
+
+        return diffusion_step_loss(components, latents, cond, generator, control)
+
+    def state_dict():
+        return {k: v.detach().cpu().clone() for k, v in controlnet.state_dict().items()}
+
+    def save_final(directory: Path) -> Path:
+        controlnet.save_pretrained(str(directory))
+        return Path(directory)
+
+    return TrainingTask(components=components, params=[p for p in controlnet.parameters() if p.requires_grad],
+                        module=controlnet, compute_loss=compute_loss, state_dict=state_dict,
+                        load_state_dict=controlnet.load_state_dict, save_final=save_final)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -289,6 +349,32 @@ RUN_IDENTITY = ("model", "model_seed", "data", "split", "num_images", "resolutio
                 "weight_decay", "lr_scheduler", "lr_warmup_steps")
 
 
+def run_training_job(cfg, identity: dict, worker_fn, worker_config: dict, what: str):
+    """The Ray Train part of a training job's driver (fine-tuning, ControlNet): the run directory
+    (cfg.output; resume if `identity` matches), the checkpoint storage, the trainer. Returns
+    (the ray Result, the run's storage URI); raises what the workers raised."""
+    from .distributed import check_storage_path, delete_run, run_trainer
+
+    output = Path(cfg.output)
+    dist_cfg = cfg.distributed
+    if dist_cfg.storage_path:
+        storage = check_storage_path(dist_cfg.storage_path)
+        name = f"{output.name}-{hashlib.sha1(str(output).encode()).hexdigest()[:8]}"
+        if cfg.overwrite:  # starting over means the old checkpoints too, wherever they are
+            delete_run(storage, name)
+    else:
+        storage, name = None, "ray_train"
+    prepare_run_dir(output, identity, cfg.overwrite, what)
+    storage = storage or check_storage_path(str(output))
+    result = run_trainer(worker_fn, worker_config, name=name, storage_path=storage,
+                         num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
+                         cpus_per_worker=dist_cfg.cpus_per_worker, max_failures=dist_cfg.max_failures,
+                         resource_wait_s=dist_cfg.resource_wait_s)
+    if result.error is not None:
+        raise result.error
+    return result, f"{storage.rstrip('/')}/{name}"
+
+
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """jobs/finetune.py: check inputs, train on Ray Train workers, write the adapter and reports.
 
@@ -297,7 +383,6 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     again resumes from the latest checkpoint.
     """
     from .data import open_dataset
-    from .distributed import check_storage_path, delete_run, run_trainer
     from .models import load_unet_skeleton
 
     cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).expanduser().resolve()))
@@ -310,30 +395,27 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     candidates = find_candidates(load_unet_skeleton(cfg.model.model, cfg.model.model_seed))
     modules = list(candidates) if selection is None else selection
     check_modules(modules, candidates, f"--selection {cfg.selection}")
-    dist_cfg = cfg.distributed
-    if dist_cfg.storage_path:
-        storage = check_storage_path(dist_cfg.storage_path)
-        name = f"{output.name}-{hashlib.sha1(str(output).encode()).hexdigest()[:8]}"
-        if cfg.overwrite:  # starting over means the old checkpoints too, wherever they are
-            delete_run(storage, name)
-    else:
-        storage, name = None, "ray_train"
     identity = {k: v for k, v in to_dict(cfg).items() if k in RUN_IDENTITY} | {"modules": modules}
-    prepare_run_dir(output, identity, cfg.overwrite, "calora_ray fine-tuning")
-    storage = storage or check_storage_path(str(output))
     started = time.perf_counter()
-    result = run_trainer(finetune_worker, {"cfg": cfg, "modules": modules}, name=name, storage_path=storage,
-                         num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
-                         cpus_per_worker=dist_cfg.cpus_per_worker, max_failures=dist_cfg.max_failures,
-                         resource_wait_s=dist_cfg.resource_wait_s)
-    if result.error is not None:
-        raise result.error
+    result, run = run_training_job(cfg, identity, finetune_worker, {"cfg": cfg, "modules": modules},
+                                   "calora_ray fine-tuning")
     with result.checkpoint.as_directory() as ckpt:
         ckpt = Path(ckpt)
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
         write_finetune_outputs(cfg, ckpt / LORA_WEIGHT_NAME, state, modules, len(candidates), len(dataset),
-                               run=f"{storage.rstrip('/')}/{name}", elapsed=time.perf_counter() - started)
+                               run=run, elapsed=time.perf_counter() - started)
     return output
+
+
+def write_loss_files(output: Path, history: list[dict], title: str) -> None:
+    """loss.csv and loss.png of a training history, each written into place atomically."""
+    with open(output / ".loss.csv.tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "elapsed_s"])
+        w.writeheader()
+        w.writerows(history)
+    (output / ".loss.csv.tmp").replace(output / "loss.csv")
+    plot_loss([h["step"] for h in history], [h["loss"] for h in history], output / ".loss.tmp.png", title=title)
+    (output / ".loss.tmp.png").replace(output / "loss.png")
 
 
 def write_finetune_outputs(cfg: FinetuneConfig, weights: Path, state: dict, modules: list[str],
@@ -344,14 +426,7 @@ def write_finetune_outputs(cfg: FinetuneConfig, weights: Path, state: dict, modu
     shutil.copyfile(weights, tmp)
     tmp.replace(output / LORA_WEIGHT_NAME)
     history = state["history"]
-    with open(output / ".loss.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "elapsed_s"])
-        w.writeheader()
-        w.writerows(history)
-    (output / ".loss.csv.tmp").replace(output / "loss.csv")
-    plot_loss([h["step"] for h in history], [h["loss"] for h in history], output / ".loss.tmp.png",
-              title=f"LoRA on {len(modules)} projections of {cfg.model.model}, data {cfg.data.data}")
-    (output / ".loss.tmp.png").replace(output / "loss.png")
+    write_loss_files(output, history, f"LoRA on {len(modules)} projections of {cfg.model.model}, data {cfg.data.data}")
     from safetensors import safe_open
 
     with safe_open(str(output / LORA_WEIGHT_NAME), "pt") as f:
@@ -380,3 +455,89 @@ def write_finetune_outputs(cfg: FinetuneConfig, weights: Path, state: dict, modu
         "config": to_dict(cfg),
     }, indent=2, default=str) + "\n")
 
+
+
+# ----------------------------------------------------------------------------- the ControlNet job
+
+CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+CONTROLNET_IDENTITY = tuple(k for k in RUN_IDENTITY if k not in ("rank", "alpha"))  # + the LoRA's sha256
+
+
+def controlnet_worker(config: dict) -> None:
+    """One Ray Train worker of jobs/train_controlnet.py: the same `train` loop as fine-tuning."""
+    from .cli import quiet_libraries
+    from .data import open_dataset
+    from .distributed import ray_latest_checkpoint, ray_report, set_worker_threads, worker_device
+
+    quiet_libraries()
+    set_worker_threads()
+    cfg = config["cfg"]
+    device = worker_device()
+    components = load_components(cfg.model.model, cfg.model.model_seed)
+    components.to(device, resolve_dtype(cfg.model.mixed_precision, device))
+    task = controlnet_task(components, lora=cfg.lora, caption=cfg.caption, caption_with_classes=cfg.caption_with_classes,
+                           seed=cfg.training.seed, gradient_checkpointing=cfg.training.gradient_checkpointing)
+    dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
+                           resolution=cfg.data.resolution, seed=0)
+    resume_from = ray_latest_checkpoint()
+    try:
+        train(task, dataset, cfg.training, device=device, mixed_precision=cfg.model.mixed_precision,
+              resume_from=resume_from, report=ray_report, log_dir=Path(cfg.output) / "logs")
+    finally:
+        if resume_from is not None:
+            shutil.rmtree(resume_from, ignore_errors=True)
+
+
+def run_train_controlnet(cfg) -> Path:
+    """jobs/train_controlnet.py: check inputs, train the ControlNet on Ray Train workers (checkpoints,
+    resume: as fine-tuning), then write it in the diffusers format + controlnet.json + loss files."""
+    from .data import open_dataset
+    from .models import load_unet_skeleton
+
+    cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).expanduser().resolve()))
+    output = Path(cfg.output)
+    lora_sha = None
+    if cfg.lora is not None:
+        lora_file = Path(cfg.lora) / LORA_WEIGHT_NAME
+        if not lora_file.is_file():
+            raise FileNotFoundError(f"--lora {cfg.lora}: no {LORA_WEIGHT_NAME} there (pass a jobs/finetune.py output)")
+        cfg = dataclasses.replace(cfg, lora=str(Path(cfg.lora).resolve()))
+        lora_sha = file_sha256(lora_file)
+    dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
+                           resolution=cfg.data.resolution, seed=0)
+    for i in range(len(dataset)):  # every pair once: a bad label fails now, naming its file
+        dataset[i]
+    unet = load_unet_skeleton(cfg.model.model, cfg.model.model_seed)
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        raise ValueError(f"--model {cfg.model.model}: ControlNet training supports SD-1.x/2.x-shaped models, not SDXL")
+    identity = {k: v for k, v in to_dict(cfg).items() if k in CONTROLNET_IDENTITY} | {"lora_sha256": lora_sha}
+    started = time.perf_counter()
+    result, run = run_training_job(cfg, identity, controlnet_worker, {"cfg": cfg}, "calora_ray ControlNet training")
+    with result.checkpoint.as_directory() as ckpt:
+        ckpt = Path(ckpt)
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        for name in CONTROLNET_FILES:
+            shutil.copyfile(ckpt / name, output / f".{name}.tmp")
+            (output / f".{name}.tmp").replace(output / name)
+    history = state["history"]
+    write_loss_files(output, history, f"ControlNet on {cfg.model.model}" + (" + LoRA" if cfg.lora else "")
+                     + f", data {cfg.data.data}")
+    atomic_write_text(output / "controlnet.json", json.dumps({
+        "controlnet": CONTROLNET_FILES[1],
+        "controlnet_sha256": file_sha256(output / CONTROLNET_FILES[1]),
+        "conditioning": "Cityscapes palette colours of the train-id label map (calora_ray.data.labels.colorize), "
+                        "values / 255, at the label's size",
+        "model": cfg.model.model,
+        "lora": cfg.lora,
+        "lora_sha256": lora_sha,
+        "steps": state["step"],
+        "batch_size": cfg.training.batch_size,
+        "num_workers": cfg.distributed.num_workers,
+        "num_images": len(dataset),
+        "final_loss": history[-1]["loss"],
+        "run": run,
+        "elapsed_s": round(time.perf_counter() - started, 3),
+        "calora_ray_version": __version__,
+        "config": to_dict(cfg),
+    }, indent=2, default=str) + "\n")
+    return output
