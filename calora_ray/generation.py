@@ -303,10 +303,24 @@ class ShardGenerator:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
 
-        records = [self.make_shard(int(k)) for k in batch["shard"]]
+        import resource
+
+        records = []
+        for k in batch["shard"]:
+            try:
+                records.append(self.make_shard(int(k)))
+            except Exception:  # noqa: BLE001 - reported by the driver, which fails the job at the end
+                # Returned, not raised: a raising UDF fails the whole Dataset at once, and its actor
+                # pool may outlive the failure holding its CPUs; this way the other shards finish
+                # and commit, the pool shuts down normally, and a rerun only redoes this shard.
+                import traceback
+
+                records.append({"shard": int(k), "rows": 0, "error": traceback.format_exc(limit=8)})
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         return {"shard": np.array([r["shard"] for r in records], dtype=np.int64),
                 "rows": np.array([r["rows"] for r in records], dtype=np.int64),
-                "record": np.array([json.dumps(r) for r in records], dtype=object)}
+                "record": np.array([json.dumps(r) for r in records], dtype=object),
+                "peak_rss_mb": np.full(len(records), peak_rss_mb)}
 
     def plan(self, index: int) -> SamplePlan:
         cfg = self.cfg
@@ -473,6 +487,7 @@ def run_generate(cfg, progress: bool = True) -> dict:
     started = time.perf_counter()
     new_samples = sum(len(shards[k]) for k in pending)
     actors = gpu = per_actor = None
+    actor_peak_rss_mb = 0.0
     if pending:
         ensure_ray()
         actors, gpu, per_actor = generation_resources(cfg.num_actors, cfg.use_gpu, cfg.cpus_per_actor)
@@ -491,12 +506,25 @@ def run_generate(cfg, progress: bool = True) -> dict:
 
             bar = tqdm(total=cfg.num_samples, initial=cfg.num_samples - new_samples, unit="img", desc="generate",
                        file=sys.stderr)
-        for row in ds.iter_rows():  # one small commit record per shard: the rows stay in the shards
-            completed[int(row["shard"])] = json.loads(row["record"])
+        errors = {}
+        try:
+            for row in ds.iter_rows():  # one small commit record per shard: the rows stay in the shards
+                record = json.loads(row["record"])
+                if "error" in record:
+                    errors[record["shard"]] = record["error"]
+                else:
+                    completed[record["shard"]] = record
+                actor_peak_rss_mb = max(actor_peak_rss_mb, float(row["peak_rss_mb"]))
+                if bar is not None:
+                    bar.update(int(row["rows"]))
+        finally:
             if bar is not None:
-                bar.update(int(row["rows"]))
-        if bar is not None:
-            bar.close()
+                bar.close()
+        if errors:
+            first = min(errors)
+            raise RuntimeError(f"{len(errors)} shard(s) failed ({', '.join(map(str, sorted(errors)[:10]))}); the "
+                               f"others are committed, so running the same command again generates only these. "
+                               f"Shard {first}:\n{errors[first]}")
     elapsed = time.perf_counter() - started
 
     completed = store.completed()
@@ -524,7 +552,8 @@ def run_generate(cfg, progress: bool = True) -> dict:
         "this_run": {"generated_samples": new_samples, "generated_shards": len(pending),
                      "resumed_shards": len(records) - len(pending), "elapsed_s": round(elapsed, 3),
                      "images_per_s": round(new_samples / elapsed, 3) if new_samples and elapsed > 0 else None,
-                     "actors": actors, "gpu_per_actor": gpu, "cpus_per_actor": per_actor},
+                     "actors": actors, "gpu_per_actor": gpu, "cpus_per_actor": per_actor,
+                     "actor_peak_rss_mb": round(actor_peak_rss_mb, 1) or None},
         "calora_ray_version": __version__,
         "config": to_dict(cfg),
     }
@@ -537,7 +566,8 @@ def run_generate(cfg, progress: bool = True) -> dict:
         store.put("preview.png", buf.getvalue())
     return {"output": store.uri, "samples": stats["rows"], "unique_sample_ids": stats["unique_sample_ids"],
             "shards": len(records), "generated_samples": new_samples, "resumed_shards": len(records) - len(pending),
-            "elapsed_s": elapsed, "images_per_s": manifest["this_run"]["images_per_s"], "skipped": len(skipped)}
+            "elapsed_s": elapsed, "images_per_s": manifest["this_run"]["images_per_s"], "skipped": len(skipped),
+            "actor_peak_rss_mb": manifest["this_run"]["actor_peak_rss_mb"]}
 
 
 __all__ = ["MaskGenerator", "ShardGenerator", "run_generate", "SamplePlan", "augment_layout", "build_prompt", "class_pixels", "control_image",

@@ -1,0 +1,400 @@
+"""Mask-conditioned generation into Parquet shards: the generator, mask sources, shard commits and
+resume (also on memory:// and a real S3 server), and jobs/generate.py end to end on a local Ray."""
+
+import io
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from calora_ray.config import ConfigError, GenerateConfig, build_config
+from calora_ray.data import open_dataset
+from calora_ray.data.labels import NUM_CLASSES
+from calora_ray.data.masks import MaskError, MaskReader, check_masks, list_masks
+from calora_ray.generation import (MaskGenerator, augment_layout, build_prompt, plan_sample, run_generate,
+                                   sample_id, sample_seed)
+from calora_ray.shards import ShardStore, read_dataset, shard_ranges, table_bytes
+
+N, ROWS = 10, 4  # 3 shards: 4 + 4 + 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = _free_port()
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}"}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """On this shared 2-core machine two OpenMP threads that wait on each other make a tiny
+    generate() call ~50x slower; the actors get one thread each through --cpus-per-actor 1."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    # The S3 endpoint reaches the actors through the job's environment (only the S3 test uses it).
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": S3_ENV})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def controlnet_dir(tmp_path_factory):
+    """A random segmentation ControlNet for the tiny model: from_unet, with its zero convolutions made
+    non-zero (a fresh ControlNet's output is exactly zero, so the label would not matter yet)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from calora_ray.generation import conditioning_channels
+    from calora_ray.models import build_tiny
+
+    tiny = build_tiny(0)
+    path = tmp_path_factory.mktemp("controlnet") / "cn"
+    controlnet = ControlNetModel.from_unet(tiny.unet, conditioning_embedding_out_channels=conditioning_channels(4))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                       controlnet.controlnet_cond_embedding.conv_out]:
+            module.weight.normal_(0, 0.05)
+    controlnet.save_pretrained(path)
+    return path
+
+
+def generate_cfg(controlnet_dir, output, **values):
+    return build_config(GenerateConfig, {"model": "tiny", "controlnet": str(controlnet_dir), "num_samples": N,
+                                         "rows_per_shard": ROWS, "steps": 2, "batch_size": 4, "output": str(output),
+                                         "preview_samples": 4, "cpus_per_actor": 1, **values})
+
+
+def images_by_id(uri):
+    table = read_dataset(uri, ["sample_id", "image"])
+    return dict(zip(table.column("sample_id").to_pylist(), table.column("image").to_pylist()))
+
+
+# ----------------------------------------------------------------------------- plain pieces (no Ray)
+
+
+def test_prompt_uses_the_toy_world_phrases():
+    label = np.zeros((8, 8), np.uint8)
+    label[:4] = 10
+    label[0, 0] = 13
+    assert build_prompt(label, "night") == "Photorealistic first-person urban street view with road, sky and car at night"
+    assert build_prompt(label, "foggy").endswith("with road, sky and car in foggy weather")
+    assert build_prompt(label, "clear").endswith(" in clear weather")
+    assert build_prompt(label, "snowy", "A street of {classes}{condition} ({condition_name})") == \
+        "A street of road, sky and car in snowy weather (snowy)"
+    with pytest.raises(ValueError, match="unknown condition"):
+        build_prompt(label, "hazy")
+
+
+def test_seeds_and_plans_depend_only_on_job_seed_and_index():
+    assert sample_seed(0, 5) == sample_seed(0, 5) and sample_seed(0, 5) != sample_seed(0, 6) != sample_seed(1, 6)
+    assert 0 <= sample_seed(123, 10**9) < 2**63
+    assert sample_id(3, 42) == "s3-000000042"
+    conditions = ["clear", "night"]
+    plans = [plan_sample(0, i, 7, conditions, [1.0, 3.0], flip=True, max_zoom=2.0) for i in range(400)]
+    assert [p.mask for p in plans[:8]] == [0, 1, 2, 3, 4, 5, 6, 0]
+    assert plans[17] == plan_sample(0, 17, 7, conditions, [1.0, 3.0], flip=True, max_zoom=2.0)
+    night = sum(p.condition == "night" for p in plans) / len(plans)
+    assert 0.65 < night < 0.85  # weights 1:3
+    assert 0.35 < np.mean([p.flip for p in plans]) < 0.65
+    assert all(1.0 <= p.zoom <= 2.0 for p in plans)
+    plain = plan_sample(0, 3, 7, conditions, [1.0, 1.0])
+    assert not plain.flip and plain.zoom == 1.0 and plain.offset == (0.5, 0.5)
+
+
+def test_layout_augmentation_is_nearest_only():
+    label = open_dataset("toy", num_images=1, resolution=None)[0]["label"]
+    ids = set(np.unique(label))
+    out = augment_layout(label, 32, flip=True, zoom=1.7, offset=(0.2, 0.9))
+    assert out.shape == (32, 32) and out.dtype == np.uint8 and set(np.unique(out)) <= ids
+    assert np.array_equal(augment_layout(label, 64), label)  # already square at the size: unchanged
+    assert np.array_equal(augment_layout(label, 64, flip=True), label[:, ::-1])
+    wide = np.repeat(np.arange(8, dtype=np.uint8)[None, :], 4, axis=0)  # 4 x 8, ids = column
+    assert np.array_equal(augment_layout(wide, 4), wide[:, 2:6])  # centre square
+
+
+def test_generator_is_deterministic_per_seed(controlnet_dir):
+    gen = MaskGenerator("tiny", controlnet=str(controlnet_dir))
+    ds = open_dataset("toy", num_images=2)
+    labels = [ds[0]["label"], ds[1]["label"]]
+    prompts = [build_prompt(label, "night") for label in labels]
+    a = gen.generate(labels, prompts, [11, 12], steps=2, guidance=4.0)
+    b = gen.generate(labels, prompts, [11, 12], steps=2, guidance=4.0)
+    assert a[0].shape == (64, 64, 3) and a[0].dtype == np.uint8
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # same seeds, same batch: byte-identical
+    alone = gen.generate(labels[1:], prompts[1:], [12], steps=2, guidance=4.0)[0]
+    assert np.abs(alone.astype(int) - a[1]).max() <= 2  # own seed, not the batch: equal up to rounding
+    other = gen.generate(labels[1:], prompts[1:], [13], steps=2, guidance=4.0)[0]
+    assert np.abs(other.astype(int) - a[1]).mean() > 5
+    # the ControlNet sees the label: another label, same seed and prompt, gives another image
+    swapped = gen.generate(labels[:1], prompts[1:], [12], steps=2, guidance=4.0)[0]
+    assert not np.array_equal(swapped, alone)
+    with pytest.raises(ValueError, match="one size"):
+        gen.generate([labels[0], labels[0][:32, :32]], prompts, [1, 2], steps=1)
+
+
+def _png(array, mode=None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_cityscapes_masks(fs, root):
+    """3 good labelIds masks (+ 3 bad ones: ids outside the set, too small, not a PNG) in gtFine/train/x/."""
+    good = np.full((64, 96), 7, np.uint8)  # labelId 7 = road
+    good[:20] = 23  # sky
+    files = {"a_000000_000001": _png(good), "a_000000_000002": _png(good[:, ::-1].copy()),
+             "a_000000_000003": _png(np.where(good == 23, 26, 7).astype(np.uint8)),  # car
+             "b_000000_000001": _png(np.full((64, 64), 40, np.uint8)),  # labelId 40 does not exist
+             "b_000000_000002": _png(np.full((16, 16), 7, np.uint8)),  # smaller than 64
+             "b_000000_000003": b"this is not a PNG"}
+    fs.makedirs(f"{root}/gtFine/train/x", exist_ok=True)
+    for stem, data in files.items():
+        fs.pipe_file(f"{root}/gtFine/train/x/{stem}_gtFine_labelIds.png", data)
+
+
+def test_mask_sources_skip_bad_inputs_with_reasons_memory_fs():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    write_cityscapes_masks(fs, "/masks")
+    refs = list_masks("memory://masks", "train")
+    assert len(refs) == 6 and all(r.startswith("memory://") for r in refs)
+    good, skipped = check_masks(refs, resolution=64)
+    assert [r.rsplit("/", 1)[1][:15] for r in good] == ["a_000000_000001", "a_000000_000002", "a_000000_000003"]
+    reasons = {s["mask"].rsplit("/", 1)[1][:15]: s["reason"] for s in skipped}
+    assert "outside" in reasons["b_000000_000001"] and "40" in reasons["b_000000_000001"]
+    assert "smaller than --resolution 64" in reasons["b_000000_000002"]
+    assert "not a PNG" in reasons["b_000000_000003"]
+    label = MaskReader().load(good[0])
+    assert label.shape == (64, 96) and set(np.unique(label)) == {0, 10}  # labelIds mapped to train ids
+    with pytest.raises(MaskError, match="--strict: bad mask .*b_000000_000001"):
+        check_masks(refs, resolution=64, strict=True)
+    fs.rm("/masks", recursive=True)
+
+
+def test_parquet_and_toy_mask_sources(tmp_path):
+    toy = list_masks("toy", "train", num_masks=3, resolution=32)
+    assert toy == ["toy:target:train:0@32", "toy:target:train:1@32", "toy:target:train:2@32"]
+    reader = MaskReader()
+    assert np.array_equal(reader.load(toy[1]), open_dataset("toy", num_images=2, resolution=32)[1]["label"])
+    # Parquet shards (as this job writes them): the label column, row by row
+    labels = [open_dataset("toy", num_images=5)[i]["label"] for i in range(5)]
+    (tmp_path / "pq").mkdir()
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"label": [_png(x) for x in labels[:3]]}), tmp_path / "pq" / "a.parquet", row_group_size=2)
+    pq.write_table(pa.table({"label": [_png(x) for x in labels[3:]] + [b"junk"]}), tmp_path / "pq" / "b.parquet")
+    refs = list_masks(str(tmp_path / "pq"))
+    assert len(refs) == 6 and refs[4].endswith("b.parquet#1")
+    good, skipped = check_masks(refs, resolution=64)
+    assert len(good) == 5 and "not a PNG" in skipped[0]["reason"] and skipped[0]["mask"].endswith("#2")
+    for ref, label in zip(good, labels):
+        assert np.array_equal(MaskReader().load(ref), label)
+
+
+def test_shard_commits_and_resume_on_memory_fs():
+    store = ShardStore("memory://gen-out")
+    assert store.prepare({"seed": 0}, overwrite=False) == {}
+    rows = {"sample_id": ["s0-000000000"], "image": [b"x"], "label": [b"y"], "prompt": ["p"], "condition": ["clear"],
+            "seed": [1], "width": [8], "height": [8], "class_pixels": [[0] * NUM_CLASSES], "model": ["tiny"],
+            "lora_sha256": [""], "mask": ["m"]}
+    record = store.write_shard(0, table_bytes(rows), 1, "s0-000000000", "s0-000000000")
+    assert record["rows"] == 1 and len(record["sha256"]) == 64
+    # a crash's leftovers: a shard without a commit record and a temporary file
+    store.fs.pipe_file(store.path("data/shard-00001.parquet"), b"truncated")
+    store.fs.pipe_file(store.path("data/.shard-00002.parquet.1234.tmp"), b"partial")
+    assert list(store.completed()) == [0]
+    with pytest.raises(ValueError, match="different configuration \\(seed differ"):
+        store.prepare({"seed": 1}, overwrite=False)
+    assert list(store.prepare({"seed": 0}, overwrite=False)) == [0]  # resume: shard 0 kept, leftovers gone
+    assert [f.rsplit("/", 1)[1] for f in store.fs.find(store.path("data"))] == ["shard-00000.parquet"]
+    assert read_dataset("memory://gen-out").column("sample_id").to_pylist() == ["s0-000000000"]
+    assert store.prepare({"seed": 1}, overwrite=True) == {}  # --overwrite starts over
+    assert not store.fs.exists(store.path("data"))
+    store.fs.rm(store.root, recursive=True)
+    assert [len(r) for r in shard_ranges(10, 4)] == [4, 4, 2]
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="--condition-weights needs one weight per condition"):
+        build_config(GenerateConfig, {"conditions": ["clear", "night"], "condition_weights": [1.0]})
+    with pytest.raises(ConfigError, match="--prompt-template"):
+        build_config(GenerateConfig, {"prompt_template": "{classes} {weather}"})
+    with pytest.raises(ConfigError, match="--rows-per-shard must be >= 1"):
+        build_config(GenerateConfig, {"rows_per_shard": 0})
+
+
+def test_bad_inputs_fail_before_ray_starts(controlnet_dir, tmp_path):
+    with pytest.raises(ValueError, match="--controlnet is required"):
+        run_generate(build_config(GenerateConfig, {"output": str(tmp_path / "a")}))
+    with pytest.raises(FileNotFoundError, match="not a diffusers ControlNet directory"):
+        run_generate(generate_cfg(tmp_path, tmp_path / "b"))
+    with pytest.raises(ValueError, match="memory:// lives inside one process"):
+        run_generate(generate_cfg(controlnet_dir, "memory://x"))
+    with pytest.raises(ValueError, match="unknown hazy"):
+        run_generate(generate_cfg(controlnet_dir, tmp_path / "c", conditions=["hazy"]))
+    import fsspec
+
+    write_cityscapes_masks(fsspec.filesystem("file"), str(tmp_path / "cs"))
+    with pytest.raises(MaskError, match="--strict: bad mask .*b_000000_000001_gtFine_labelIds.png"):
+        run_generate(generate_cfg(controlnet_dir, tmp_path / "d", masks=str(tmp_path / "cs"), strict=True))
+    assert not (tmp_path / "d").exists()
+
+
+# ----------------------------------------------------------------------------- the job on a local Ray
+
+
+@pytest.fixture(scope="module")
+def first_run(local_ray, controlnet_dir, tmp_path_factory):
+    """One actor on tiny + toy masks: 10 samples, 3 shards."""
+    out = tmp_path_factory.mktemp("gen") / "out"
+    summary = run_generate(generate_cfg(controlnet_dir, out), progress=False)
+    return out, summary
+
+
+def test_end_to_end_shards_read_back(first_run, local_ray):
+    import ray
+
+    out, summary = first_run
+    assert summary["samples"] == N and summary["unique_sample_ids"] == N and summary["shards"] == 3
+    files = sorted(p.name for p in (out / "data").iterdir())
+    assert files == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]  # rows-per-shard, not blocks
+    table = pq.read_table(out / "data")
+    assert table.num_rows == N and len(set(table.column("sample_id").to_pylist())) == N
+    assert [pq.ParquetFile(out / "data" / f).metadata.num_rows for f in files] == [4, 4, 2]
+    masks = list_masks("toy", "train", resolution=64)
+    reader = MaskReader()
+    for row in table.to_pylist():
+        label = np.asarray(Image.open(io.BytesIO(row["label"])))
+        image = Image.open(io.BytesIO(row["image"]))
+        assert image.mode == "RGB" and image.size == (64, 64) == (row["width"], row["height"])
+        assert label.shape == (64, 64) and label.dtype == np.uint8
+        assert set(np.unique(label)) <= set(range(NUM_CLASSES)) | {255}
+        index = int(row["sample_id"].split("-")[1])
+        assert row["mask"] == masks[index % len(masks)]
+        assert np.array_equal(label, reader.load(row["mask"]))  # no augmentation: the mask itself
+        assert sum(row["class_pixels"]) + int((label == 255).sum()) == 64 * 64
+        assert row["prompt"] == build_prompt(label, row["condition"])
+        assert row["seed"] == sample_seed(0, index) and row["model"] == "tiny" and row["lora_sha256"] == ""
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] == N and [s["rows"] for s in manifest["shards"]] == [4, 4, 2]
+    assert manifest["skipped"] == [] and manifest["num_usable_masks"] == 30
+    assert manifest["stats"]["unique_sample_ids"] == N and sum(manifest["stats"]["conditions"].values()) == N
+    import hashlib
+
+    for shard in manifest["shards"]:
+        assert hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
+    card = (out / "README.md").read_text()
+    assert "10 samples" in card and "| label | binary |" in card and "not been measured" in card
+    preview = Image.open(out / "preview.png")
+    assert preview.size[0] >= 3 * 128 and preview.size[1] >= 4 * 128
+    # read back with Ray Data as well
+    ds = ray.data.read_parquet(str(out / "data"))
+    assert ds.count() == N and sorted(ds.unique("sample_id")) == sorted(table.column("sample_id").to_pylist())
+
+
+def test_rerun_of_a_finished_run_generates_nothing(first_run, controlnet_dir):
+    out, _ = first_run
+    before = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
+    summary = run_generate(generate_cfg(controlnet_dir, out, num_actors=2), progress=False)  # actors may change
+    assert summary["generated_samples"] == 0 and summary["samples"] == N
+    assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == before
+    with pytest.raises(ValueError, match="different configuration \\(seed differ"):
+        run_generate(generate_cfg(controlnet_dir, out, seed=1), progress=False)
+
+
+def test_crash_midway_then_rerun_gives_exactly_n_identical_samples(first_run, controlnet_dir, tmp_path):
+    out = tmp_path / "crash"
+    cfg = generate_cfg(controlnet_dir, out, num_actors=2)  # 2 actors take both CPUs: must not hang
+    with pytest.raises(RuntimeError, match="(?s)1 shard\(s\) failed \(1\).*simulated failure while generating shard 1"):
+        run_generate(generate_cfg(controlnet_dir, out, num_actors=2, simulate_failure_at_shard=1), progress=False)
+    committed = ShardStore(str(out)).completed()
+    assert 1 not in committed and not (out / "manifest.json").exists()
+    (out / "data").mkdir(exist_ok=True)
+    (out / "data" / "shard-00001.parquet").write_bytes(b"truncated by the crash")  # no commit record
+    (out / "data" / ".shard-00002.parquet.dead.tmp").write_bytes(b"partial")
+    summary = run_generate(cfg, progress=False)
+    assert summary["resumed_shards"] == len(committed) and summary["generated_samples"] == N - sum(
+        r["rows"] for r in committed.values())
+    table = pq.read_table(out / "data")
+    ids = table.column("sample_id").to_pylist()
+    assert len(ids) == N and len(set(ids)) == N
+    assert sorted(p.name for p in (out / "data").iterdir()) == [f"shard-0000{i}.parquet" for i in range(3)]
+    # same seed: byte-identical images, whichever actor made them, crashed or not
+    assert images_by_id(str(out)) == images_by_id(str(first_run[0]))
+
+
+@pytest.fixture
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1, with a bucket; stopped afterwards."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    try:
+        deadline = time.time() + 30  # bounded: up, or the test fails
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise AssertionError("the moto S3 server did not start")
+                time.sleep(0.2)
+        import boto3
+
+        boto3.client("s3", endpoint_url=S3_ENV["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="calora")
+        yield
+    finally:
+        server.stop()
+
+
+def test_s3_masks_and_output_with_bad_masks_skipped(local_ray, controlnet_dir, s3_server, monkeypatch):
+    import fsspec
+
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.invalidate_cache()
+    write_cityscapes_masks(fs, "calora/cityscapes")
+    uri = "s3://calora/generated"
+    summary = run_generate(generate_cfg(controlnet_dir, uri, masks="s3://calora/cityscapes", num_samples=5,
+                                        rows_per_shard=3, flip=True, max_zoom=1.5), progress=False)
+    assert summary["samples"] == 5 and summary["shards"] == 2 and summary["skipped"] == 3
+    fs.invalidate_cache()
+    assert sorted(f.rsplit("/", 1)[1] for f in fs.ls("calora/generated/data")) == ["shard-00000.parquet",
+                                                                                  "shard-00001.parquet"]
+    manifest = json.loads(fs.cat_file("calora/generated/manifest.json"))
+    reasons = {s["mask"].rsplit("/", 1)[1][:15]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"b_000000_000001", "b_000000_000002", "b_000000_000003"}
+    assert all(s["mask"].startswith("s3://calora/cityscapes/gtFine/train/x/") for s in manifest["skipped"])
+    table = read_dataset(uri)
+    assert table.num_rows == 5 and len(set(table.column("sample_id").to_pylist())) == 5
+    for row in table.to_pylist():
+        label = np.asarray(Image.open(io.BytesIO(row["label"])))
+        assert label.shape == (64, 64) and set(np.unique(label)) <= {0, 10, 13}  # road, sky, car
+        assert "/a_000000_00000" in row["mask"]
+    assert fs.exists("calora/generated/README.md") and fs.exists("calora/generated/preview.png")
