@@ -327,7 +327,7 @@ def test_rerun_of_a_finished_run_generates_nothing(first_run, controlnet_dir):
 def test_crash_midway_then_rerun_gives_exactly_n_identical_samples(first_run, controlnet_dir, tmp_path):
     out = tmp_path / "crash"
     cfg = generate_cfg(controlnet_dir, out, num_actors=2)  # 2 actors take both CPUs: must not hang
-    with pytest.raises(RuntimeError, match="(?s)1 shard\(s\) failed \(1\).*simulated failure while generating shard 1"):
+    with pytest.raises(RuntimeError, match=r"(?s)1 shard\(s\) failed \(1\).*simulated failure while generating shard 1"):
         run_generate(generate_cfg(controlnet_dir, out, num_actors=2, simulate_failure_at_shard=1), progress=False)
     committed = ShardStore(str(out)).completed()
     assert 1 not in committed and not (out / "manifest.json").exists()
