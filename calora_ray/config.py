@@ -353,6 +353,9 @@ class PretrainConfig:
     simulate_interrupt_at_step: int | None = field(default=None, metadata=_help(
         "Testing: after this UNet step, stop as Ctrl-C would (a run that resumed from a checkpoint "
         "ignores it)."))
+    device: str = field(default="cpu", metadata=_help(
+        "Where to train: cpu (the committed model's recipe, ~90 min on 2 cores), cuda, or auto "
+        "(cuda when present). fp32 either way; a GPU run draws the same batches but is not bit-identical."))
 
     def __post_init__(self):
         for name in ("num_images", "val_images", "resolution", "text_layers", "vae_batch_size", "unet_batch_size",
@@ -387,6 +390,7 @@ class PretrainConfig:
             raise ConfigError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        check_choice("device", self.device, ("cpu", "cuda", "auto"))
 
 
 
@@ -505,7 +509,7 @@ class GenerateConfig:
     num_actors: int | None = field(default=None, metadata=_help(
         "Generator actors (each loads the model once): default one per GPU of the cluster, or 1 without GPUs."))
     batch_size: int = field(default=4, metadata=_help("Images per generate() call inside an actor."))
-    cpus_per_actor: float | None = field(default=None, metadata=_help(
+    cpus_per_actor: int | None = field(default=None, metadata=_help(
         "CPUs reserved per actor (its torch threads): default 1 with GPUs, else the cluster's CPUs / actors."))
     use_gpu: str = field(default="auto", metadata=_help(
         "'auto' (one GPU per actor when the cluster has them), 'true' or 'false'.",
@@ -528,8 +532,8 @@ class GenerateConfig:
         for name in ("num_masks", "num_actors", "resolution"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
-            raise ConfigError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor < 1:
+            raise ConfigError(f"--cpus-per-actor must be >= 1, got {self.cpus_per_actor}")
         if self.seed < 0 or self.guidance < 0 or self.preview_samples < 0:
             raise ConfigError("--seed, --guidance and --preview-samples must be >= 0")
         if self.max_zoom < 1:
@@ -667,8 +671,18 @@ def build_parser(cls, job: str, description: str | None = None) -> argparse.Argu
         elif is_list:
             parser.add_argument(flag, nargs="+", type=scalar, metavar=name.upper(), **kwargs)
         else:
-            parser.add_argument(flag, type=scalar, metavar=name.upper() if scalar is not str else None, **kwargs)
+            optional = type(None) in typing.get_args(tp)
+            convert = _none_or(scalar) if optional and scalar in (int, float) else scalar
+            parser.add_argument(flag, type=convert, metavar=name.upper() if scalar is not str else None, **kwargs)
     return parser
+
+
+def _none_or(scalar):
+    """argparse type for an optional number: `none` / `null` unset it (e.g. --vae-minutes none)."""
+    def convert(text: str):
+        return None if text.strip().lower() in ("none", "null") else scalar(text)
+    convert.__name__ = scalar.__name__  # argparse names the type in its error message
+    return convert
 
 
 def _fill(instance, values: dict[str, Any]):

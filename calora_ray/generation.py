@@ -419,37 +419,24 @@ def check_generate_inputs(cfg) -> dict:
     return {"resolution": resolution, "lora_sha256": lora_sha, "controlnet_sha256": _file_hash(str(cn_dir / weights[0]))}
 
 
-def generation_resources(num_actors: int | None, use_gpu: str, cpus_per_actor: float | None,
-                         wait_s: float = 60.0) -> tuple[int, bool, float]:
-    """(actors, a GPU each?, CPUs each) that the cluster can host.
+def generation_resources(num_actors: int | None, use_gpu: str, cpus_per_actor: int | None,
+                         wait_s: float = 60.0) -> tuple[int, bool, int]:
+    """(actors, a GPU each?, CPUs each) that the cluster can host (distributed.resolve_resources).
 
-    Without GPUs the actors share the cluster's CPUs (one actor by default, with all of them); the
-    pipeline has no other task that needs a CPU (the input rows come from the driver and the actors
-    write their own shards), so an actor pool that reserves every CPU cannot starve a writer — the
-    2-CPU hang of actors + write_parquet (ECOSYSTEM.md) has no writer task to wait for here.
+    Default: one actor per GPU of the cluster, else one actor. Without GPUs the actors share the
+    cluster's CPUs (one actor gets them all); the pipeline has no other task that needs a CPU (the
+    input rows come from the driver and the actors write their own shards), so a pool that
+    reserves every CPU cannot starve a writer: ECOSYSTEM.md's 2-CPU hang of actors +
+    write_parquet has no writer task to wait for here.
     """
     import ray
 
-    from .distributed import ClusterResourceError
+    from .distributed import resolve_resources
 
-    deadline = time.monotonic() + wait_s
-    while True:
-        total = ray.cluster_resources()
-        cpus, gpus = float(total.get("CPU", 0)), int(total.get("GPU", 0))
-        gpu = gpus >= 1 if use_gpu == "auto" else use_gpu == "true"
-        actors = num_actors or (max(1, gpus) if gpu else 1)
-        per_actor = cpus_per_actor or (1.0 if gpu else max(1.0, float(int(cpus // actors))))
-        missing = []
-        if gpu and gpus < actors:
-            missing.append(f"{actors} GPU(s) (one per actor); the cluster has {gpus}")
-        if per_actor * actors > cpus:
-            missing.append(f"{per_actor * actors:g} CPU(s) ({actors} actors x {per_actor:g}); the cluster has {cpus:g}")
-        if not missing:
-            return actors, gpu, per_actor
-        if time.monotonic() >= deadline:
-            raise ClusterResourceError("generation needs " + " and ".join(missing) +
-                                       " (lower --num-actors or --cpus-per-actor, or use --use-gpu false)")
-        time.sleep(1.0)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = num_actors or (gpus if gpus and use_gpu != "false" else 1)
+    gpu, per_actor = resolve_resources(actors, use_gpu, cpus_per_actor, wait_s)
+    return actors, gpu, per_actor
 
 
 def run_generate(cfg, progress: bool = True) -> dict:
