@@ -46,7 +46,7 @@ REPORT = "pretrain.json"
 CARD = "MODEL_CARD.md"
 DIFFUSERS_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Settings a rerun may change and still continue the same run: budgets, logging, the sample grid.
-NOT_IDENTITY = ("output", "overwrite", "vae_minutes", "vae_steps", "unet_minutes", "unet_steps", "log_every",
+NOT_IDENTITY = ("output", "overwrite", "device", "vae_minutes", "vae_steps", "unet_minutes", "unet_steps", "log_every",
                 "checkpoint_minutes", "sample_images", "sample_steps", "guidance", "simulate_interrupt_at_step")
 SAMPLE_CONDITIONS = ("foggy", "night", "rainy", "snowy")
 
@@ -173,7 +173,7 @@ def vae_loss(vae, x: torch.Tensor, generator: torch.Generator, kl_weight: float)
     """L1 + MSE between x (B, 3, H, W) in [-1, 1] and its reconstruction from a posterior sample,
     plus kl_weight x the KL to N(0, I) per latent element."""
     posterior = vae.encode(x).latent_dist
-    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
     recon = vae.decode(z).sample
     kl = posterior.kl().sum() / z.numel()
     return F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * kl
@@ -183,8 +183,9 @@ def vae_loss(vae, x: torch.Tensor, generator: torch.Generator, kl_weight: float)
 def reconstruction_psnr(vae, images: np.ndarray, batch_size: int = 64) -> float:
     """Mean per-image PSNR (dB, pixel range [0, 1]) of decode(posterior mean) on uint8 (N, H, W, 3) images."""
     psnrs = []
+    device = next(vae.parameters()).device
     for start in range(0, len(images), batch_size):
-        x = to_model_range(torch.from_numpy(images[start:start + batch_size]))
+        x = to_model_range(torch.from_numpy(images[start:start + batch_size]).to(device))
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         mse = ((recon - x) / 2).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
         psnrs.append(10 * torch.log10(1 / mse))
@@ -195,8 +196,9 @@ def reconstruction_psnr(vae, images: np.ndarray, batch_size: int = 64) -> float:
 def encode_posteriors(vae, images: np.ndarray, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior's mean and std, each (N, 4, H/f, W/f), of uint8 (N, H, W, 3) images (unscaled)."""
     means, stds = [], []
+    device = next(vae.parameters()).device
     for start in range(0, len(images), batch_size):
-        posterior = vae.encode(to_model_range(torch.from_numpy(images[start:start + batch_size]))).latent_dist
+        posterior = vae.encode(to_model_range(torch.from_numpy(images[start:start + batch_size]).to(device))).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)
@@ -386,12 +388,17 @@ def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
 
     wall = dict(ckpt["wall_s"]) if ckpt else {}
     components = build_toy_sd(**architecture(cfg), seed=cfg.seed)
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible (use --device cpu or auto)")
+    components.to(device)
     vae, unet, text_encoder = components.vae, components.unet, components.text_encoder
     t = time.perf_counter()
     images, captions = render_world_images("train", cfg.num_images, cfg.resolution)
     val_images, _ = render_world_images("val", cfg.val_images, cfg.resolution)
     wall["render"] = time.perf_counter() - t
-    images_t = torch.from_numpy(images)
+    images_t = torch.from_numpy(images).to(device)
 
     # ---- phase 1: the VAE (frozen once the UNet phase has begun)
     vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate)
@@ -452,8 +459,8 @@ def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
     vae.register_to_config(scaling_factor=scale)
     _log(f"latents: scaling factor {scale:.4f} (1/std), mean {state['latent_mean']:.4f}")
 
-    ids = token_ids(components.tokenizer, captions)
-    empty_ids = token_ids(components.tokenizer, [""])[0]
+    ids = token_ids(components.tokenizer, captions).to(device)
+    empty_ids = token_ids(components.tokenizer, [""])[0].to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     unet_optimizer = torch.optim.AdamW(params, lr=cfg.unet_learning_rate)
     ema_unet, ema_text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
@@ -472,10 +479,10 @@ def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
         g = step_generator(cfg.seed, 1, step)
         lr = warmup_lr(unet_optimizer, cfg.unet_learning_rate, step, cfg.warmup_steps)
         pick = torch.randint(0, len(images_t), (cfg.unet_batch_size,), generator=g)
-        noise = torch.randn(latent_mean[pick].shape, generator=g)
+        noise = torch.randn(latent_mean[pick].shape, generator=g).to(device)
         latents = (latent_mean[pick] + latent_std[pick] * noise) * scale
         batch_ids = ids[pick].clone()
-        batch_ids[torch.rand(len(pick), generator=g) < cfg.caption_dropout] = empty_ids
+        batch_ids[(torch.rand(len(pick), generator=g) < cfg.caption_dropout).to(device)] = empty_ids
         cond = {"encoder_hidden_states": text_embeddings(text_encoder, batch_ids)}
         loss = diffusion_step_loss(components, latents, cond, g)
         loss.backward()
@@ -498,8 +505,9 @@ def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
          f"final loss {final_loss(unet_state.history):.4f}")
 
     # ---- outputs: the EMA weights as a diffusers directory, then what a person looks at
-    trained = Components(name="toy-sd", unet=ema_unet, vae=vae, text_encoder=ema_text_encoder,
+    trained = Components(name="toy-sd", unet=ema_unet.cpu(), vae=vae.cpu(), text_encoder=ema_text_encoder.cpu(),
                          tokenizer=components.tokenizer, scheduler=components.scheduler)
+    state["device"] = device.type
     write_outputs(cfg, output, trained, vae_state, unet_state, state, wall, command)
     return output
 
@@ -537,6 +545,7 @@ def write_outputs(cfg: PretrainConfig, output: Path, trained: Components, vae_st
         "steps": {"vae": vae_state.step, "unet": unet_state.step},
         "wall_s": {k: round(v, 1) for k, v in wall.items()},
         "final_loss": {"vae": final_loss(vae_state.history), "unet": final_loss(unet_state.history)},
+        "device": state.get("device", "cpu"),
         "vae_psnr_db": state["vae_psnr"],
         "latent_scaling_factor": state["scaling_factor"],
         "latent_mean": state["latent_mean"],
@@ -566,8 +575,8 @@ def model_card(cfg: PretrainConfig, r: dict) -> str:
     config = "\n".join(f"| `{k}` | `{v}` |" for k, v in r["config"].items() if k not in ("overwrite",))
     return f"""# toy-sd
 
-The project's pretrained toy text-to-image model: a miniature Stable Diffusion trained on CPU on
-the **pretraining world** (`--data toy:world`: streets rendered in every style x viewpoint x
+The project's pretrained toy text-to-image model: a miniature Stable Diffusion trained (this copy:
+on {"a GPU" if r.get("device") == "cuda" else "CPU"}) on the **pretraining world** (`--data toy:world`: streets rendered in every style x viewpoint x
 condition, with captions in the paper's prompt shapes). It is an ordinary diffusers directory:
 
 ```python
@@ -616,11 +625,12 @@ DDIM {cfg.sample_steps} steps, guidance {cfg.guidance}; every style x viewpoint,
 ![samples](samples.png)
 
 ## Reproducibility
-The phases are time-boxed (`--vae-minutes`, `--unet-minutes`): how many steps fit depends on the
-machine and its load, so a rerun reproduces the recipe and quality, not the exact weights. Every
-step's draws derive from (seed, phase, step), and `checkpoint.pt` (not committed) lets the same
-command continue an interrupted run; a resumed run is not guaranteed to equal an uninterrupted
-one bit for bit. With step caps (`--vae-steps`, `--unet-steps`) the number of steps is fixed.
+The phases have step budgets (`--vae-steps`, `--unet-steps`; `--vae-minutes` / `--unet-minutes`
+time-box a phase instead, and then a busier machine takes fewer steps). Every step's draws derive
+from (seed, phase, step), so the same command on the same device and torch build retraces the same
+run; `checkpoint.pt` (not committed) lets it continue an interrupted run, which is not guaranteed to
+equal an uninterrupted one bit for bit. A CUDA run (`--device cuda`) draws the same batches but its
+float arithmetic differs, so its weights differ from a CPU run's.
 
 ## Configuration
 | key | value |
