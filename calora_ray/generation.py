@@ -544,8 +544,11 @@ def run_generate(cfg, progress: bool = True) -> dict:
         "calora_ray_version": __version__,
         "config": to_dict(cfg),
     }
+    measures = (store.read_json(MANIFEST) or {}).get("measures")  # added later (shards.update_card_measures)
+    if measures:
+        manifest["measures"] = measures
     store.write_text(MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
-    store.write_text("README.md", dataset_card(manifest))
+    store.write_text("README.md", dataset_card(manifest, measures))
     grid = preview_image(store, records, cfg.preview_samples)
     if grid is not None:
         buf = io.BytesIO()

@@ -325,3 +325,16 @@ import datasets; ds = datasets.load_dataset("parquet", data_files="data/*.parque
 
 {skipped or 'none'}
 """
+
+
+def update_card_measures(uri: str, measures: dict) -> None:
+    """Add measures of the generated rows (e.g. label fidelity and prompt adherence from the toy-world
+    probe, jobs/measure.py) to an existing output: manifest.json gets a "measures" entry and the
+    dataset card is rewritten with them. The values are written as given."""
+    store = ShardStore(uri)
+    manifest = store.read_json(MANIFEST)
+    if manifest is None:
+        raise FileNotFoundError(f"{uri}: no {MANIFEST} (not a finished generate output)")
+    manifest["measures"] = measures
+    store.write_text(MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    store.write_text("README.md", dataset_card(manifest, measures))

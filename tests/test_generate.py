@@ -312,6 +312,22 @@ def test_end_to_end_shards_read_back(first_run, local_ray):
     # read back with Ray Data as well
     ds = ray.data.read_parquet(str(out / "data"))
     assert ds.count() == N and sorted(ds.unique("sample_id")) == sorted(table.column("sample_id").to_pylist())
+    # the output is itself a mask source (its label column), e.g. for a second generation round
+    refs = list_masks(str(out))
+    assert len(refs) == N and refs[0].endswith("data/shard-00000.parquet#0")
+    assert np.array_equal(reader.load(refs[5]), np.asarray(Image.open(io.BytesIO(table.column("label")[5].as_py()))))
+
+
+def test_card_measures_hook(first_run, tmp_path):
+    import shutil
+
+    from calora_ray.shards import update_card_measures
+
+    out = tmp_path / "copy"
+    shutil.copytree(first_run[0], out)
+    update_card_measures(str(out), {"label fidelity (probe mIoU)": 0.5})
+    assert "| label fidelity (probe mIoU) | 0.5 |" in (out / "README.md").read_text()
+    assert json.loads((out / "manifest.json").read_text())["measures"] == {"label fidelity (probe mIoU)": 0.5}
 
 
 def test_rerun_of_a_finished_run_generates_nothing(first_run, controlnet_dir):
