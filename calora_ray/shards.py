@@ -34,8 +34,9 @@ COMMIT_DIR = "_commits"
 RUN_RECORD = "run_config.json"
 MANIFEST = "manifest.json"
 
-# The shard schema (README "Shard format"). Image / label are PNG bytes; the Hugging Face metadata
-# makes `datasets` decode them as images.
+# The shard schema (README "Shard format"). `image` / `label` are plain PNG bytes, which every
+# Parquet reader returns as bytes; Hugging Face `datasets` decodes them after
+# .cast_column("image", datasets.Image()) (its schema metadata would need struct<bytes, path> columns).
 SCHEMA = pa.schema([
     ("sample_id", pa.string()),
     ("image", pa.binary()),
@@ -49,20 +50,7 @@ SCHEMA = pa.schema([
     ("model", pa.string()),
     ("lora_sha256", pa.string()),
     ("mask", pa.string()),
-], metadata={b"huggingface": json.dumps({"info": {"features": {
-    "sample_id": {"dtype": "string", "_type": "Value"},
-    "image": {"_type": "Image"},
-    "label": {"_type": "Image"},
-    "prompt": {"dtype": "string", "_type": "Value"},
-    "condition": {"dtype": "string", "_type": "Value"},
-    "seed": {"dtype": "int64", "_type": "Value"},
-    "width": {"dtype": "int32", "_type": "Value"},
-    "height": {"dtype": "int32", "_type": "Value"},
-    "class_pixels": {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "Sequence"},
-    "model": {"dtype": "string", "_type": "Value"},
-    "lora_sha256": {"dtype": "string", "_type": "Value"},
-    "mask": {"dtype": "string", "_type": "Value"},
-}}}).encode()})
+])
 
 
 def shard_name(index: int) -> str:
@@ -309,7 +297,8 @@ the rest); `manifest.json` lists each with its row count and sha256. Columns:
 ```python
 import pyarrow.parquet as pq; table = pq.read_table("data")
 import ray; ds = ray.data.read_parquet("data")
-import datasets; ds = datasets.load_dataset("parquet", data_files="data/*.parquet")
+import datasets; ds = datasets.load_dataset("parquet", data_files="data/*.parquet", split="train")
+ds = ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image())  # PIL images
 ```
 
 ## Classes (share of labelled pixels)

@@ -414,3 +414,13 @@ def test_s3_masks_and_output_with_bad_masks_skipped(local_ray, controlnet_dir, s
         assert label.shape == (64, 64) and set(np.unique(label)) <= {0, 10, 13}  # road, sky, car
         assert "/a_000000_00000" in row["mask"]
     assert fs.exists("calora/generated/README.md") and fs.exists("calora/generated/preview.png")
+
+
+def test_hugging_face_datasets_reads_the_shards(first_run):
+    datasets = pytest.importorskip("datasets")
+    out, _ = first_run
+    ds = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train",
+                               cache_dir=str(out.parent / "hf-cache"))
+    ds = ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image())
+    row = ds[0]
+    assert len(ds) == N and row["image"].mode == "RGB" and row["label"].mode == "L" and row["image"].size == (64, 64)
