@@ -248,6 +248,10 @@ class MaskGenerator:
             kwargs.update(image=[control_image(np.asarray(label, dtype=np.uint8)) for label in labels],
                           controlnet_conditioning_scale=conditioning_scale)
         images = self.pipe(list(prompts), **kwargs).images  # (B, H, W, 3) floats in [0, 1]
+        bad = [i for i, img in enumerate(images) if not np.isfinite(img).all()]
+        if bad:  # a NaN would become a black pixel without a word: never write that into a dataset
+            raise FloatingPointError(f"non-finite pixels in image(s) {bad} (seeds {[seeds[i] for i in bad]}) in "
+                                     f"{str(self.dtype).replace('torch.', '')}; fp16 can overflow: try bf16 or fp32")
         return [(np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8) for img in images]
 
 
