@@ -554,6 +554,70 @@ class GenerateConfig:
                                   f"{{condition_name}} ({type(e).__name__}: {e})") from None
 
 
+@dataclass
+class ServeConfig:
+    """jobs/serve.py: the generator behind an HTTP endpoint (Ray Serve, FastAPI; OpenAPI at /docs)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: str | None = field(default=None, metadata=_help(
+        "A jobs/finetune.py output (pytorch_lora_weights.safetensors), applied to the UNet."))
+    controlnet: str | None = field(default=None, metadata=_help(
+        "Required: the segmentation ControlNet directory (jobs/train_controlnet.py output) that makes "
+        "the mask the image's label."))
+    host: str = field(default="127.0.0.1", metadata=_help(
+        "Address the HTTP proxy binds (0.0.0.0 exposes it to the network)."))
+    port: int = field(default=8000, metadata=_help("HTTP port."))
+    num_replicas: int = field(default=1, metadata=_help(
+        "Replicas (each loads the model once); with --max-replicas, the autoscaling minimum."))
+    max_replicas: int | None = field(default=None, metadata=_help(
+        "Autoscale between --num-replicas and this many replicas on --target-ongoing-requests."))
+    target_ongoing_requests: float = field(default=8.0, metadata=_help(
+        "Autoscaling target of requests in flight per replica."))
+    num_gpus: float | None = field(default=None, metadata=_help(
+        "GPUs per replica; default 1 when the cluster has GPUs, else 0 (a fraction shares a GPU "
+        "without memory isolation)."))
+    num_cpus: float = field(default=1.0, metadata=_help("CPUs reserved per replica."))
+    threads: int | None = field(default=None, metadata=_help(
+        "Torch threads per replica; default: --num-cpus rounded up (1 with a GPU)."))
+    max_batch_size: int = field(default=8, metadata=_help(
+        "@serve.batch: most requests generated together (one generate() call per step count, "
+        "guidance, conditioning scale and size among them)."))
+    batch_wait_timeout_s: float = field(default=0.05, metadata=_help(
+        "@serve.batch: how long the first request of a batch waits for others."))
+    max_images_per_call: int = field(default=16, metadata=_help(
+        "Most images in one generate() call (bounds a batch's memory); more are split over calls."))
+    max_ongoing_requests: int = field(default=16, metadata=_help(
+        "Requests a replica accepts at once (>= --max-batch-size, or batches never fill)."))
+    max_queued_requests: int = field(default=64, metadata=_help(
+        "Requests waiting for a replica before new ones get 503 (bounds memory under load)."))
+    max_body_bytes: int = field(default=8 * 2**20, metadata=_help("Largest request body (413 above)."))
+    max_side: int = field(default=1024, metadata=_help("Largest mask width or height in pixels."))
+    max_num_images: int = field(default=4, metadata=_help("Largest num_images of one request."))
+    max_steps: int = field(default=50, metadata=_help("Largest num_inference_steps of one request."))
+    default_steps: int = field(default=25, metadata=_help("num_inference_steps when a request gives none."))
+    default_guidance: float = field(default=4.0, metadata=_help("guidance_scale when a request gives none."))
+
+    def __post_init__(self):
+        for name in ("port", "num_replicas", "max_batch_size", "max_images_per_call", "max_ongoing_requests",
+                     "max_queued_requests", "max_body_bytes", "max_side", "max_num_images", "max_steps",
+                     "default_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
+            raise ConfigError(f"--max-replicas {self.max_replicas} is below --num-replicas {self.num_replicas}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if (self.num_gpus or 0) < 0 or self.num_cpus < 0 or self.batch_wait_timeout_s < 0 or self.default_guidance < 0:
+            raise ConfigError("--num-gpus, --num-cpus, --batch-wait-timeout-s and --default-guidance must be >= 0")
+        if self.target_ongoing_requests <= 0:
+            raise ConfigError(f"--target-ongoing-requests must be > 0, got {self.target_ongoing_requests}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ConfigError(f"--max-ongoing-requests {self.max_ongoing_requests} must be >= --max-batch-size "
+                              f"{self.max_batch_size}: a replica never holds more requests than that at once")
+        if self.default_steps > self.max_steps:
+            raise ConfigError(f"--default-steps {self.default_steps} exceeds --max-steps {self.max_steps}")
+
+
 # ----------------------------------------------------------------------------- parsing
 
 
