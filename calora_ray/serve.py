@@ -1,0 +1,634 @@
+"""On-demand mask-conditioned sampling over HTTP: a Ray Serve application with a FastAPI ingress.
+
+    python jobs/serve.py --model toy-sd --lora outputs/finetune --controlnet outputs/controlnet
+    serve run calora_ray.serve:build_app model=toy-sd controlnet=outputs/controlnet
+    serve deploy cluster/serve.yaml
+
+The pieces, each usable on its own (only the last two need Ray):
+
+- `Limits`, `request_model`, `decode_request` / `parse_request`: a JSON body -> a checked
+  `SampleRequest` (label map, prompt, seeds, sampling settings), or a `RequestError` naming the
+  field (invalid base64, not a PNG, wrong mode, ids or colours outside the class set, a size the
+  model cannot take, ...). Plain functions: bad input is a 4xx, never a 500.
+- `generate_batch`: many requests -> their PNGs, one `MaskGenerator.generate` call per group of
+  requests that share steps, guidance, conditioning scale and size (they are never mixed).
+- `build_api`: the FastAPI app (POST /v1/generate, GET /healthz, GET /v1/info, /docs) around any
+  async `run(SampleRequest) -> [PNG bytes]`; testable without Ray.
+- `SegmentationSampler`: the Serve deployment; `@serve.batch` collects concurrent requests into
+  one `generate_batch` call; batch sizes are logged and counted in /v1/info.
+- `build_app` (for `serve run` / `serve deploy`) and `run_serve` (jobs/serve.py).
+
+The generator is calora_ray.generation.MaskGenerator, the same class the dataset job's Ray Data
+actors use: a request with seed s gives the image that `generate([label], [prompt], [s])` gives.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime, and
+# the request model is built inside build_api (from the limits), where a string could not resolve.
+import asyncio
+import base64
+import binascii
+import io
+import logging
+import os
+import secrets
+import sys
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from .data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE, LabelError, validate_label
+from .toyworld.world import CONDITIONS
+
+logger = logging.getLogger("ray.serve")  # Serve routes this logger to the replica's log file
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SEED_SPACE = 2**63  # seeds are non-negative int64, like the dataset's `seed` column
+APP_NAME = "calora"
+
+
+# ----------------------------------------------------------------------------- request checks (no Ray)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; /v1/info reports these, the OpenAPI schema states them."""
+
+    max_body_bytes: int = 8 * 2**20
+    max_side: int = 1024
+    max_num_images: int = 4
+    max_steps: int = 50
+    max_guidance: float = 50.0
+    max_conditioning_scale: float = 10.0
+    max_prompt_chars: int = 2000
+    default_steps: int = 25
+    default_guidance: float = 4.0
+    side_multiple: int = 32  # the generator's size constraint (VAE factor x 8 with a ControlNet)
+
+
+class RequestError(ValueError):
+    """Bad input: `field` names the JSON field (or 'body'), `status` is the HTTP status to answer."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field, self.status = field, status
+
+
+@dataclass
+class SampleRequest:
+    """A checked request: everything `generate_batch` needs."""
+
+    label: np.ndarray  # HxW uint8 train ids
+    prompt: str
+    seeds: list[int]
+    steps: int
+    guidance: float
+    conditioning_scale: float
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with the same key can share one generate() call; others never do."""
+        return (self.steps, self.guidance, self.conditioning_scale, self.label.shape)
+
+
+@lru_cache(maxsize=16)
+def request_model(limits: Limits):
+    """The pydantic model of POST /v1/generate's body, its bounds taken from `limits` (so the OpenAPI
+    schema at /openapi.json states exactly what the server accepts)."""
+    from pydantic import ConfigDict, Field, create_model
+
+    text = dict(max_length=limits.max_body_bytes)
+    return create_model(
+        "GenerateRequest",
+        __config__=ConfigDict(extra="forbid"),
+        mask=(str | None, Field(None, **text, description=(
+            "Base64 PNG, mode L (or P), of Cityscapes train ids 0..18 (255 = ignore); the image is "
+            f"generated at its size (each side a multiple of {limits.side_multiple}, at most "
+            f"{limits.max_side}). Give `mask` or `colormask`."))),
+        colormask=(str | None, Field(None, **text, description=(
+            "Base64 PNG, RGB (or P), coloured with the Cityscapes palette (GET /v1/info; black = ignore), "
+            "instead of `mask`."))),
+        prompt=(str | None, Field(None, max_length=limits.max_prompt_chars, description=(
+            "The prompt as is; without it, the paper's prompt for the mask's classes under `condition`."))),
+        condition=(Literal[tuple(CONDITIONS)] | None, Field(None, description=(
+            "Weather/time of the paper's prompt (default clear); not together with `prompt`."))),
+        seed=(int | None, Field(None, ge=0, le=SEED_SPACE - 1, description=(
+            "Noise seed of image 0; image i uses (seed + i) mod 2^63. Default: a random one (returned)."))),
+        num_inference_steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps)),
+        guidance_scale=(float, Field(limits.default_guidance, ge=0.0, le=limits.max_guidance, allow_inf_nan=False)),
+        conditioning_scale=(float, Field(1.0, ge=0.0, le=limits.max_conditioning_scale, allow_inf_nan=False)),
+        num_images=(int, Field(1, ge=1, le=limits.max_num_images)),
+    )
+
+
+def decode_png(text: str, field: str, max_side: int) -> Image.Image:
+    """A base64 PNG -> a loaded PIL image; RequestError naming `field` for anything else.
+
+    The size is checked from the header before the pixels are decoded, so a small PNG that claims
+    a huge size never allocates it."""
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(field, "not valid base64") from None
+    if not data.startswith(PNG_SIGNATURE):
+        raise RequestError(field, "not a PNG (no PNG signature after base64 decoding)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=["PNG"])
+        width, height = image.size
+        if width > max_side or height > max_side:
+            raise RequestError(field, f"{width}x{height} is larger than the maximum side {max_side}")
+        image.load()
+    except RequestError:
+        raise
+    except Exception as e:  # PIL raises many kinds on crafted files; all of them are the client's input
+        raise RequestError(field, f"not a readable PNG ({type(e).__name__}: {e})") from None
+    return image
+
+
+# 24-bit colour -> train id for the 19 palette colours; black is ignore (255).
+_COLOR_TO_ID = {int(r) << 16 | int(g) << 8 | int(b): i for i, (r, g, b) in enumerate(PALETTE[:NUM_CLASSES])}
+_COLOR_TO_ID[0] = IGNORE_INDEX
+
+
+def labels_from_colors(rgb: np.ndarray, field: str = "colormask") -> np.ndarray:
+    """HxWx3 uint8 palette colours -> HxW uint8 train ids; a colour outside the palette is an error."""
+    codes = rgb[..., 0].astype(np.uint32) << 16 | rgb[..., 1].astype(np.uint32) << 8 | rgb[..., 2]
+    values, inverse = np.unique(codes, return_inverse=True)
+    ids = np.array([_COLOR_TO_ID.get(int(v), -1) for v in values], dtype=np.int32)
+    if (ids < 0).any():
+        bad = values[ids < 0]
+        shown = ", ".join(f"({v >> 16}, {v >> 8 & 255}, {v & 255})" for v in bad[:5])
+        pixels = int(np.isin(codes, bad).sum())
+        raise RequestError(field, f"{len(bad)} colour(s) outside the Cityscapes palette (GET /v1/info), e.g. "
+                                  f"{shown} ({pixels} pixels); palette images must not be resized or smoothed")
+    return ids[inverse.reshape(codes.shape)].astype(np.uint8)
+
+
+def decode_label(mask: str | None, colormask: str | None, limits: Limits) -> np.ndarray:
+    """The HxW train-id map of a request from exactly one of `mask` / `colormask`."""
+    if (mask is None) == (colormask is None):
+        raise RequestError("mask", "give exactly one of `mask` (train ids) or `colormask` (palette colours)")
+    field = "mask" if mask is not None else "colormask"
+    image = decode_png(mask if mask is not None else colormask, field, limits.max_side)
+    if field == "mask":
+        if image.mode not in ("L", "P"):
+            raise RequestError(field, f"PNG mode {image.mode!r}; expected 'L' (8-bit train ids, or 'P' indices); "
+                                      "send a colour-coded mask as `colormask`")
+        try:
+            label = validate_label(image, field)
+        except LabelError as e:
+            raise RequestError(field, str(e).removeprefix(f"{field}: ")) from None
+    else:
+        if image.mode not in ("RGB", "P"):
+            raise RequestError(field, f"PNG mode {image.mode!r}; expected 'RGB' (or 'P') palette colours")
+        label = labels_from_colors(np.asarray(image.convert("RGB")), field)
+    height, width = label.shape
+    m = limits.side_multiple
+    if height % m or width % m:
+        raise RequestError(field, f"size {width}x{height}: each side must be a multiple of {m} (the model's "
+                                  "VAE factor x 8); crop or resize it nearest-neighbour first")
+    return label
+
+
+def decode_request(body, limits: Limits) -> SampleRequest:
+    """A body that passed `request_model(limits)` -> a SampleRequest (RequestError on bad input)."""
+    from .generation import build_prompt
+
+    label = decode_label(body.mask, body.colormask, limits)
+    if body.prompt is not None and body.condition is not None:
+        raise RequestError("condition", "give `prompt` or `condition`, not both (the condition only "
+                                        "phrases the default prompt)")
+    prompt = body.prompt if body.prompt is not None else build_prompt(label, body.condition or "clear")
+    seed = body.seed if body.seed is not None else secrets.randbelow(SEED_SPACE)
+    seeds = [(seed + i) % SEED_SPACE for i in range(body.num_images)]
+    return SampleRequest(label, prompt, seeds, body.num_inference_steps, float(body.guidance_scale),
+                         float(body.conditioning_scale))
+
+
+def parse_request(data: Any, limits: Limits) -> SampleRequest:
+    """A JSON value (the decoded body) -> a SampleRequest: the schema check, then `decode_request`."""
+    from pydantic import ValidationError
+
+    try:
+        body = request_model(limits).model_validate(data)
+    except ValidationError as e:
+        raise RequestError(*_first_error(e.errors())) from None
+    return decode_request(body, limits)
+
+
+def _first_error(errors) -> tuple[str, str]:
+    """(field, message) of the first pydantic/FastAPI validation error."""
+    if not errors:
+        return "body", "invalid request"
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    return (loc[0] if loc else "body"), str(err.get("msg", "invalid value"))
+
+
+# ----------------------------------------------------------------------------- batches (no Ray)
+
+
+@dataclass
+class BatchStats:
+    """How batching went: requests per batch and images per generate() call (histograms)."""
+
+    batches: int = 0
+    requests: int = 0
+    batch_sizes: Counter = field(default_factory=Counter)
+    call_sizes: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, num_requests: int, call_sizes: list[int]) -> None:
+        with self.lock:
+            self.batches += 1
+            self.requests += num_requests
+            self.batch_sizes[num_requests] += 1
+            self.call_sizes.update(call_sizes)
+
+    def as_dict(self) -> dict:
+        with self.lock:
+            return {"batches": self.batches, "requests": self.requests,
+                    "max_batch_size_seen": max(self.batch_sizes, default=0),
+                    "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                    "images_per_call_histogram": {str(k): v for k, v in sorted(self.call_sizes.items())}}
+
+
+def generate_batch(generator, requests: list[SampleRequest], max_images_per_call: int = 16
+                   ) -> tuple[list[list[bytes] | Exception], list[int]]:
+    """PNG bytes of every image of every request, and the image count of each generate() call.
+
+    Requests are grouped by `batch_key` (steps, guidance, conditioning scale, size) and each
+    group's images go through `generator.generate` together, at most `max_images_per_call` at a
+    time; an image depends only on its own label, prompt and seed, so grouping does not change it.
+    A failing call fails only its own requests (their slot holds the exception).
+    """
+    from .generation import png_bytes
+
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.batch_key, []).append(i)
+    results: list[Any] = [[] for _ in requests]
+    call_sizes = []
+    for members in groups.values():
+        items = [(i, k) for i in members for k in range(len(requests[i].seeds))]
+        for start in range(0, len(items), max_images_per_call):
+            chunk = items[start:start + max_images_per_call]
+            first = requests[chunk[0][0]]
+            alive = [(i, k) for i, k in chunk if not isinstance(results[i], Exception)]
+            if not alive:
+                continue
+            try:
+                images = generator.generate([requests[i].label for i, _ in alive],
+                                            [requests[i].prompt for i, _ in alive],
+                                            [requests[i].seeds[k] for i, k in alive],
+                                            steps=first.steps, guidance=first.guidance,
+                                            conditioning_scale=first.conditioning_scale)
+            except Exception as e:  # noqa: BLE001 - reported to those requests as a 500
+                for i, _ in alive:
+                    results[i] = e
+                continue
+            call_sizes.append(len(alive))
+            for (i, _), image in zip(alive, images):
+                if not isinstance(results[i], Exception):
+                    results[i].append(png_bytes(image))
+    return results, call_sizes
+
+
+# ----------------------------------------------------------------------------- the HTTP API (no Ray)
+
+
+class _BodyLimit:
+    """ASGI middleware: bodies over `max_bytes` get 413, by Content-Length or while streaming."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+        from starlette.exceptions import HTTPException
+
+        too_large = JSONResponse({"detail": f"body: larger than the maximum of {self.max_bytes} bytes",
+                                  "field": "body"}, status_code=413)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await too_large(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:  # FastAPI re-raises an HTTPException from the body read as is
+                    raise HTTPException(413, f"body: larger than the maximum of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def build_api(run, info, limits: Limits):
+    """The FastAPI app. `run(SampleRequest)` is an async callable returning the PNG bytes of its
+    images; `info()` returns the /v1/info document (model, adapters, classes, limits, batching)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel
+    from starlette.exceptions import HTTPException
+
+    Body = request_model(limits)
+
+    class GenerateResponse(BaseModel):
+        images: list[str]
+        seeds: list[int]
+        prompt: str
+        width: int
+        height: int
+
+    app = FastAPI(
+        title="calora_ray: mask-conditioned sampling",
+        description="Cityscapes train-id masks -> images whose label is the mask (CA-LoRA + segmentation "
+                    "ControlNet). `Accept: image/png` on /v1/generate returns one raw PNG.",
+        version="1")
+    app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
+
+    def error(status: int, field: str, message: str) -> JSONResponse:
+        return JSONResponse({"detail": f"{field}: {message}", "field": field}, status_code=status)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_, e: RequestError):
+        return error(e.status, e.field, str(e).removeprefix(f"{e.field}: "))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, e: RequestValidationError):
+        return error(422, *_first_error(e.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_, e: HTTPException):
+        detail = str(e.detail)
+        field = detail.split(":", 1)[0] if detail.startswith("body:") else "body"
+        return JSONResponse({"detail": detail, "field": field}, status_code=e.status_code, headers=e.headers)
+
+    errors = {413: {"description": "body too large"}, 422: {"description": "bad input; `field` names it"}}
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses={
+        200: {"content": {"image/png": {}}, "description": "JSON, or one raw PNG with `Accept: image/png`"},
+        **errors})
+    async def generate(body: Body, request: Request):
+        """Generate `num_images` images for one mask."""
+        sample = decode_request(body, limits)
+        raw = "image/png" in request.headers.get("accept", "")
+        if raw and len(sample.seeds) != 1:
+            raise RequestError("num_images", "`Accept: image/png` returns one image: ask for num_images 1")
+        pngs = await run(sample)
+        height, width = sample.label.shape
+        if raw:
+            return Response(pngs[0], media_type="image/png", headers={
+                "X-Seed": str(sample.seeds[0]), "X-Prompt": urllib.parse.quote(sample.prompt)})
+        return JSONResponse({"images": [base64.b64encode(p).decode("ascii") for p in pngs], "seeds": sample.seeds,
+                             "prompt": sample.prompt, "width": width, "height": height})
+
+    @app.get("/healthz")
+    async def healthz():
+        """Liveness: the replica is up and its model is loaded."""
+        return {"status": "ok"}
+
+    @app.get("/v1/info")
+    async def v1_info():
+        """Model, LoRA hash, ControlNet, classes, palette, limits and batching statistics."""
+        return info()
+
+    return app
+
+
+def class_table() -> dict:
+    """The class set a mask may use: names by train id, palette colours, the ignore id."""
+    return {"classes": [{"id": i, "name": n, "color": PALETTE[i].tolist()} for i, n in enumerate(CLASS_NAMES)],
+            "ignore": {"id": IGNORE_INDEX, "color": [0, 0, 0]}, "conditions": list(CONDITIONS)}
+
+
+# ----------------------------------------------------------------------------- the Serve deployment
+
+from ray import serve  # noqa: E402  (below the plain functions, which need no Ray)
+
+
+def _settings(cfg) -> dict:
+    """What a replica needs from a ServeConfig, as plain data (it travels to the replicas)."""
+    from .config import to_dict
+
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("host", "port")}
+
+
+def limits_of(settings: dict, side_multiple: int = 32) -> Limits:
+    return Limits(max_body_bytes=settings["max_body_bytes"], max_side=settings["max_side"],
+                  max_num_images=settings["max_num_images"], max_steps=settings["max_steps"],
+                  default_steps=settings["default_steps"], default_guidance=settings["default_guidance"],
+                  side_multiple=side_multiple)
+
+
+@serve.deployment(name="SegmentationSampler", health_check_period_s=30)
+@serve.ingress()
+class SegmentationSampler:
+    """One replica: the MaskGenerator, loaded once; concurrent requests generated in batches."""
+
+    def __init__(self, settings: dict):
+        import torch
+
+        from .generation import MaskGenerator
+        from .lora import file_sha256
+        from .models import resolve_dtype
+
+        gpu = torch.cuda.is_available()
+        self.threads = settings.get("threads") or (1 if gpu else max(1, int(np.ceil(settings["num_cpus"]))))
+        torch.set_num_threads(self.threads)
+        device = torch.device("cuda" if gpu else "cpu")
+        self.generator = MaskGenerator(settings["model"], lora=settings["lora"], controlnet=settings["controlnet"],
+                                       device=device, dtype=resolve_dtype(settings["mixed_precision"], device),
+                                       model_seed=settings["model_seed"])
+        factor = self.generator.components.vae_scale_factor * 8
+        max_side = settings["max_side"] // factor * factor
+        if max_side < factor:
+            raise ValueError(f"--max-side {settings['max_side']} is below the smallest size the model takes ({factor})")
+        self.limits = limits_of({**settings, "max_side": max_side}, factor)
+        self.settings = settings
+        self.max_images_per_call = settings["max_images_per_call"]
+        self.stats = BatchStats()
+        cn = settings["controlnet"]
+        cn_weights = os.path.join(cn.removeprefix("file://"), "diffusion_pytorch_model.safetensors")
+        self.static_info = {
+            "model": settings["model"], "model_seed": settings["model_seed"],
+            "lora": settings["lora"], "lora_sha256": self.generator.lora_sha256,
+            "controlnet": cn, "controlnet_sha256": file_sha256(cn_weights) if os.path.isfile(cn_weights) else "",
+            "device": str(device), "dtype": str(self.generator.dtype).removeprefix("torch."),
+            "native_resolution": self.generator.native_resolution, **class_table(),
+            "limits": asdict(self.limits)}
+        self.reconfigure({"max_batch_size": settings["max_batch_size"],
+                          "batch_wait_timeout_s": settings["batch_wait_timeout_s"]})
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's user_config (cluster/serve.yaml): batching knobs change live, without a restart."""
+        self.max_batch_size = int(user_config.get("max_batch_size", self.settings["max_batch_size"]))
+        self.batch_wait_timeout_s = float(user_config.get("batch_wait_timeout_s", self.settings["batch_wait_timeout_s"]))
+        self.generate_batched.set_max_batch_size(self.max_batch_size)
+        self.generate_batched.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self.generate, self.info, self.limits)
+
+    async def generate(self, request: SampleRequest) -> list[bytes]:
+        result = await self.generate_batched(request)
+        if isinstance(result, Exception):  # @serve.batch hands a returned exception back as a value
+            raise result
+        return result
+
+    def info(self) -> dict:
+        return {**self.static_info, "batching": {
+            "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "max_images_per_call": self.max_images_per_call,
+            "replica": serve.get_replica_context().replica_id.unique_id, **self.stats.as_dict()}}
+
+    def _run_batch(self, requests: list[SampleRequest]):
+        import torch
+
+        torch.set_num_threads(self.threads)  # OpenMP thread counts are per calling thread
+        started = time.perf_counter()
+        results, call_sizes = generate_batch(self.generator, requests, self.max_images_per_call)
+        self.stats.record(len(requests), call_sizes)
+        logger.info("batch of %d request(s): generate() calls of %s image(s) in %.2f s",
+                    len(requests), call_sizes, time.perf_counter() - started)
+        return results
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def generate_batched(self, requests: list[SampleRequest]) -> list[list[bytes]]:
+        # In a thread, so the replica's event loop keeps taking requests (the next batch) meanwhile.
+        results = await asyncio.to_thread(self._run_batch, requests)
+        return [RuntimeError(f"generation failed: {r}") if isinstance(r, Exception) else r for r in results]
+
+
+def check_serve_inputs(cfg) -> None:
+    """Fail in the driver, naming the flag, before a replica would crash-loop on a bad path."""
+    from .lora import LORA_WEIGHT_NAME
+
+    if cfg.controlnet is None:
+        raise ValueError("--controlnet is required: the segmentation ControlNet (jobs/train_controlnet.py output) "
+                         "makes the mask the image's label")
+    cn = cfg.controlnet.removeprefix("file://")
+    if not os.path.isfile(os.path.join(cn, "config.json")):
+        raise FileNotFoundError(f"--controlnet {cfg.controlnet}: not a diffusers ControlNet directory (no config.json)")
+    if cfg.lora is not None and not os.path.isfile(os.path.join(cfg.lora.removeprefix("file://"), LORA_WEIGHT_NAME)):
+        raise FileNotFoundError(f"--lora {cfg.lora}: no {LORA_WEIGHT_NAME} there (pass a jobs/finetune.py output)")
+
+
+def application(cfg):
+    """The Serve application of a ServeConfig: replicas, resources, autoscaling, batching knobs."""
+    import ray
+
+    check_serve_inputs(cfg)
+    settings = _settings(cfg)
+    settings["lora"] = os.path.abspath(cfg.lora) if cfg.lora and "://" not in cfg.lora else cfg.lora
+    settings["controlnet"] = os.path.abspath(cfg.controlnet) if "://" not in cfg.controlnet else cfg.controlnet
+    num_gpus = cfg.num_gpus
+    if num_gpus is None:
+        num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) else 0
+    options: dict[str, Any] = dict(
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": num_gpus},
+        max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
+        user_config={"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s})
+    if cfg.max_replicas is not None and cfg.max_replicas > cfg.num_replicas:
+        options["autoscaling_config"] = {"min_replicas": cfg.num_replicas, "max_replicas": cfg.max_replicas,
+                                         "target_ongoing_requests": cfg.target_ongoing_requests}
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return SegmentationSampler.options(**options).bind(settings)
+
+
+def build_app(args: dict):
+    """`serve run calora_ray.serve:build_app model=toy-sd controlnet=DIR [key=value ...]` and the
+    `args:` of cluster/serve.yaml: the keys are jobs/serve.py's flags (config=FILE.yaml works too)."""
+    from .config import ServeConfig, build_config, load_yaml
+
+    args = dict(args or {})
+    values = load_yaml(args.pop("config"), ServeConfig, "serve") if "config" in args else {}
+    values.update({k.replace("-", "_"): _from_text(k, v) for k, v in args.items()})
+    return application(build_config(ServeConfig, values))
+
+
+def _from_text(key: str, value):
+    """`serve run` passes key=value as strings; YAML args come typed. Numbers and booleans from text."""
+    from .config import ConfigError, ServeConfig, _base_type, _leaf_fields
+
+    leaves = _leaf_fields(ServeConfig)
+    name = key.replace("-", "_")
+    if name not in leaves:
+        raise ConfigError(f"unknown key '{key}' for serve; known keys: {', '.join(sorted(leaves))}")
+    if not isinstance(value, str):
+        return value
+    scalar, _ = _base_type(leaves[name][2])
+    if value.lower() in ("none", "null"):
+        return None
+    try:
+        if scalar is bool:
+            return {"true": True, "false": False}[value.lower()]
+        return scalar(value)
+    except (KeyError, ValueError):
+        raise ConfigError(f"'{key}' must be of type {scalar.__name__}, got {value!r}") from None
+
+
+def run_serve(cfg, block: bool = True) -> str:
+    """jobs/serve.py: start Serve (HTTP on cfg.host:cfg.port), deploy the app, and (block) serve until
+    interrupted; on a local cluster this process started, Ctrl-C shuts everything down. Returns the URL."""
+    import ray
+
+    from .distributed import ensure_ray
+
+    check_serve_inputs(cfg)
+    started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    ensure_ray()
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(application(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{cfg.host}:{cfg.port}"
+    if not block:
+        return url
+    print(f"serving {cfg.model.model} on {url}  (docs: {url}/docs, info: {url}/v1/info); Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    return url
+
+
+__all__ = [
+    "BatchStats",
+    "Limits",
+    "RequestError",
+    "SampleRequest",
+    "SegmentationSampler",
+    "application",
+    "build_api",
+    "build_app",
+    "check_serve_inputs",
+    "class_table",
+    "decode_label",
+    "decode_png",
+    "decode_request",
+    "generate_batch",
+    "labels_from_colors",
+    "parse_request",
+    "request_model",
+    "run_serve",
+]

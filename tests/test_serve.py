@@ -1,0 +1,327 @@
+"""The Serve endpoint: request checks and batch grouping as plain functions, then one Ray Serve app
+on 127.0.0.1 (tiny model, a random ControlNet) called over real HTTP: images, determinism,
+image/png, /docs, /healthz, /v1/info, 4xx errors, schema-driven fuzzing, concurrent batching."""
+
+import base64
+import io
+import json
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from schemathesis.checks import not_a_server_error
+
+from calora_ray.config import ServeConfig, build_config
+from calora_ray.data.labels import PALETTE, colorize
+from calora_ray.serve import Limits, RequestError, SampleRequest, generate_batch, parse_request
+
+PORT = 8391  # unusual on purpose: 8000 / 8265 may belong to someone else's cluster on this machine
+URL = f"http://127.0.0.1:{PORT}"
+LIMITS = dict(max_side=64, max_num_images=2, max_steps=3, default_steps=2, max_body_bytes=64 * 1024)
+
+
+def png_b64(array: np.ndarray, mode: str | None = None) -> str:
+    """Base64 PNG of a uint8 array; mode 'P' stores the values as palette indices."""
+    image = Image.fromarray(array)
+    if mode == "P":  # a full 256-entry palette, so PIL keeps the indices as they are
+        image = Image.frombytes("P", array.shape[::-1], array.tobytes())
+        image.putpalette(PALETTE.flatten().tolist())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def toy_label(height=32, width=64, seed=0) -> np.ndarray:
+    """Blocks of a few train ids and some ignore (255)."""
+    rng = np.random.default_rng(seed)
+    label = np.repeat(np.repeat(rng.choice([0, 2, 8, 10, 13, 255], size=(height // 8, width // 8)), 8, 0), 8, 1)
+    return label.astype(np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- plain functions
+
+
+def check(body, field, limits=Limits(**LIMITS), text=None):
+    with pytest.raises(RequestError) as e:
+        parse_request(body, limits)
+    assert e.value.field == field and 400 <= e.value.status < 500, (e.value.field, str(e.value))
+    if text:
+        assert text in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_parse_request_decodes_masks_colormasks_and_prompts():
+    label = toy_label()
+    r = parse_request({"mask": png_b64(label), "seed": 7, "num_images": 2}, Limits(**LIMITS))
+    assert np.array_equal(r.label, label) and r.seeds == [7, 8] and r.steps == 2
+    assert r.prompt.startswith("Photorealistic first-person urban street view with road") and "clear weather" in r.prompt
+    night = parse_request({"mask": png_b64(label), "condition": "night"}, Limits(**LIMITS))
+    assert night.prompt.endswith("at night") and 0 <= night.seeds[0] < 2**63  # random seed when none given
+    colored = parse_request({"colormask": png_b64(colorize(label)), "prompt": "a street"}, Limits(**LIMITS))
+    assert np.array_equal(colored.label, label) and colored.prompt == "a street"
+    # a palette-mode (P) mask holds the ids as indices
+    assert np.array_equal(parse_request({"mask": png_b64(label, "P")}, Limits(**LIMITS)).label, label)
+    wrap = parse_request({"mask": png_b64(label), "seed": 2**63 - 1, "num_images": 2}, Limits(**LIMITS))
+    assert wrap.seeds == [2**63 - 1, 0]
+
+
+def test_bad_input_is_a_4xx_naming_the_field():
+    label = toy_label()
+    check({"mask": "not base64!!"}, "mask", text="not valid base64")
+    check({"mask": base64.b64encode(b"GIF89a....").decode()}, "mask", text="not a PNG")
+    check({"mask": base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 40).decode()}, "mask", text="not a readable PNG")
+    check({"mask": png_b64(colorize(label))}, "mask", text="mode 'RGB'")
+    check({"mask": png_b64(np.full((32, 32), 30, np.uint8))}, "mask", text="outside 0..18")
+    check({"mask": png_b64(np.zeros((128, 128), np.uint8))}, "mask", text="larger than the maximum side 64")
+    check({"mask": png_b64(np.zeros((40, 32), np.uint8))}, "mask", text="multiple of 32")
+    check({"colormask": png_b64(np.full((32, 32, 3), 7, np.uint8))}, "colormask", text="outside the Cityscapes palette")
+    check({"colormask": png_b64(label)}, "colormask", text="mode 'L'")
+    check({}, "mask", text="exactly one")
+    check({"mask": png_b64(label), "colormask": png_b64(colorize(label))}, "mask", text="exactly one")
+    check({"mask": png_b64(label), "prompt": "x", "condition": "night"}, "condition")
+    check({"mask": png_b64(label), "condition": "hazy"}, "condition")
+    check({"mask": png_b64(label), "num_images": 3}, "num_images")
+    check({"mask": png_b64(label), "num_inference_steps": 0}, "num_inference_steps")
+    check({"mask": png_b64(label), "guidance_scale": float("nan")}, "guidance_scale")
+    check({"mask": png_b64(label), "seed": -1}, "seed")
+    check({"mask": png_b64(label), "sead": 1}, "sead")  # typos are errors, not silently ignored
+    check([1, 2], "body")
+
+
+class RecordingGenerator:
+    """Stands in for MaskGenerator: an image of its seed's value, and a record of every call."""
+
+    def __init__(self, fail_steps=None):
+        self.calls, self.fail_steps = [], fail_steps
+
+    def generate(self, labels, prompts, seeds, steps, guidance, conditioning_scale):
+        self.calls.append((steps, guidance, conditioning_scale, {label.shape for label in labels}, len(labels)))
+        if steps == self.fail_steps:
+            raise FloatingPointError("non-finite pixels")
+        return [np.full((*label.shape, 3), s % 256, np.uint8) for label, s in zip(labels, seeds)]
+
+
+def sample(steps=2, guidance=4.0, shape=(32, 32), seeds=(0,)):
+    return SampleRequest(np.zeros(shape, np.uint8), "p", list(seeds), steps, guidance, 1.0)
+
+
+def test_generate_batch_never_mixes_settings_and_isolates_failures():
+    reqs = [sample(2, seeds=(1, 2)), sample(3, seeds=(3,)), sample(2, seeds=(4,)), sample(2, 1.0, seeds=(5,)),
+            sample(2, shape=(32, 64), seeds=(6,)), sample(2, seeds=(7, 8))]
+    gen = RecordingGenerator()
+    results, call_sizes = generate_batch(gen, reqs, max_images_per_call=3)
+    for steps, guidance, scale, shapes, n in gen.calls:
+        assert len(shapes) == 1 and n <= 3
+    assert sorted(call_sizes) == sorted(c[-1] for c in gen.calls) and sum(call_sizes) == 8
+    # requests 0, 2, 5 share one key: 5 images split into calls of 3 + 2
+    assert [c[-1] for c in gen.calls if c[:3] == (2, 4.0, 1.0) and c[3] == {(32, 32)}] == [3, 2]
+    for r, pngs in zip(reqs, results):
+        assert [int(np.asarray(Image.open(io.BytesIO(p)))[0, 0, 0]) for p in pngs] == r.seeds
+        assert all(Image.open(io.BytesIO(p)).size == r.label.shape[::-1] for p in pngs)
+    results, _ = generate_batch(RecordingGenerator(fail_steps=3), reqs)
+    assert isinstance(results[1], FloatingPointError) and all(isinstance(r, list) for i, r in enumerate(results) if i != 1)
+
+
+# ----------------------------------------------------------------------------- the Serve app over HTTP
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory):
+    """A random segmentation ControlNet for the tiny model (as tests/test_generate.py builds it)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from calora_ray.generation import conditioning_channels
+    from calora_ray.models import build_tiny
+
+    path = tmp_path_factory.mktemp("controlnet") / "cn"
+    controlnet = ControlNetModel.from_unet(build_tiny(0).unet, conditioning_embedding_out_channels=conditioning_channels(4))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                       controlnet.controlnet_cond_embedding.conv_out]:
+            module.weight.normal_(0, 0.05)
+    controlnet.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(controlnet_dir):
+    """One Serve app for the module: max 4 requests per batch, a 0.3 s batch window, small limits."""
+    import ray
+    from ray import serve
+
+    from calora_ray.serve import APP_NAME, application
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        cfg = build_config(ServeConfig, {"model": "tiny", "controlnet": str(controlnet_dir), "max_batch_size": 4,
+                                         "batch_wait_timeout_s": 0.3, "threads": 1, **LIMITS})
+        serve.run(application(cfg), name=APP_NAME, route_prefix="/")
+        yield URL
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(body, **kwargs):
+    return requests.post(f"{URL}/v1/generate", json=body, timeout=120, **kwargs)
+
+
+def test_generates_the_masks_size_deterministically_as_the_in_process_generator(server, controlnet_dir):
+    from calora_ray.generation import MaskGenerator
+
+    label = toy_label(32, 64)
+    body = {"mask": png_b64(label), "seed": 11, "num_inference_steps": 2, "num_images": 2}
+    first = post(body)
+    assert first.status_code == 200, first.text
+    out = first.json()
+    assert out["seeds"] == [11, 12] and out["width"] == 64 and out["height"] == 32 and len(out["images"]) == 2
+    images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in out["images"]]
+    assert all(im.size == (64, 32) and im.mode == "RGB" for im in images)
+    assert out["images"][0] != out["images"][1]  # another seed, another image
+    assert post(body).json()["images"] == out["images"]  # same seed -> same bytes
+    # the endpoint is MaskGenerator, not a copy of it: the same bytes in process
+    direct = MaskGenerator("tiny", controlnet=str(controlnet_dir)).generate([label], [out["prompt"]], [11], steps=2)[0]
+    assert np.array_equal(np.asarray(images[0]), direct)
+    # colormask = the same label in palette colours -> the same image
+    colored = post({**body, "mask": None, "colormask": png_b64(colorize(label))})
+    assert colored.json()["images"] == out["images"]
+    # Accept: image/png -> one raw PNG, the same bytes as the JSON's first image
+    raw = post({**body, "num_images": 1}, headers={"Accept": "image/png"})
+    assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
+    assert raw.content == base64.b64decode(out["images"][0]) and raw.headers["x-seed"] == "11"
+    assert post(body, headers={"Accept": "image/png"}).status_code == 422  # two images cannot be one PNG
+
+
+def test_docs_healthz_and_info(server):
+    assert requests.get(f"{URL}/healthz", timeout=30).json() == {"status": "ok"}
+    docs = requests.get(f"{URL}/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    schema = requests.get(f"{URL}/openapi.json", timeout=30).json()
+    assert {"/v1/generate", "/healthz", "/v1/info"} <= set(schema["paths"])
+    info = requests.get(f"{URL}/v1/info", timeout=30).json()
+    assert info["model"] == "tiny" and info["lora_sha256"] == "" and len(info["controlnet_sha256"]) == 64
+    assert [c["name"] for c in info["classes"]][:3] == ["road", "sidewalk", "building"]
+    assert info["classes"][13]["color"] == PALETTE[13].tolist() and info["ignore"]["id"] == 255
+    assert info["limits"]["max_side"] == 64 and info["limits"]["side_multiple"] == 32
+    assert info["limits"]["max_num_images"] == 2 and info["batching"]["max_batch_size"] == 4
+
+
+def test_bad_requests_over_http_are_4xx_naming_the_field(server):
+    cases = [({"mask": "%%%"}, 422, "mask"), ({"mask": png_b64(np.full((32, 32), 40, np.uint8))}, 422, "mask"),
+             ({"mask": png_b64(toy_label()), "num_images": 9}, 422, "num_images"),
+             ({"mask": png_b64(toy_label()), "num_inference_steps": 100}, 422, "num_inference_steps"),
+             ({"mask": "A" * (LIMITS["max_body_bytes"] + 10)}, 413, "body")]
+    for body, status, field in cases:
+        r = post(body)
+        assert r.status_code == status and r.json()["field"] == field, (body.keys(), r.status_code, r.text[:200])
+    r = requests.post(f"{URL}/v1/generate", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 422
+    # a streamed (chunked) body has no Content-Length: still cut off at the limit
+    r = requests.post(f"{URL}/v1/generate", data=iter([b'{"mask": "' + b"A" * 40000, b"A" * 40000 + b'"}']),
+                      headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413, r.text[:200]
+
+
+def test_fuzz_from_the_openapi_schema_never_500s(server):
+    """Bodies, headers and paths generated by schemathesis from the app's own /openapi.json (valid
+    and invalid by the schema), a bounded number per operation: no answer is a 5xx."""
+    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/generate", "/healthz", "/v1/info"}
+    for operation in operations:
+        examples = 30 if operation.path == "/v1/generate" else 5
+
+        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+                  database=None)
+        @given(case=operation.as_strategy())
+        def call(case):
+            case.call_and_validate(checks=[not_a_server_error], timeout=120)
+
+        call()
+
+
+# Valid values first and mostly: hypothesis favours early choices, so a fair share of bodies reaches generation.
+ids = st.one_of(st.lists(st.sampled_from([0, 13, 255, 5, 18]), min_size=1, max_size=3),
+                st.lists(st.sampled_from([19, 128, 254, 0]), min_size=1, max_size=3))
+pngs = st.builds(
+    lambda mode, h, w, ids, seed: png_b64(
+        np.random.default_rng(seed).choice(ids, size=(h, w) if mode != "RGB" else (h, w, 3)).astype(np.uint8), mode),
+    st.sampled_from(["L", "P", "RGB"]), st.sampled_from([32, 64, 1, 16, 96]), st.sampled_from([32, 64, 48]),
+    ids, st.integers(0, 9))
+bodies = st.fixed_dictionaries({"mask": pngs}, optional={
+    "colormask": pngs, "prompt": st.text(max_size=30), "condition": st.sampled_from(["clear", "night", "x"]),
+    "seed": st.one_of(st.integers(0, 2**63 - 1), st.integers(-1, 2**64)),
+    "num_inference_steps": st.one_of(st.integers(1, 3), st.integers(0, 5)),
+    "guidance_scale": st.one_of(st.floats(0, 10), st.floats(-1, 60)),
+    "conditioning_scale": st.floats(0, 2), "num_images": st.one_of(st.integers(1, 2), st.integers(0, 3))})
+
+
+def test_fuzz_with_real_pngs_never_500s(server):
+    """Schema fuzzing rarely produces a decodable PNG; these bodies do (any mode, size, ids, settings)."""
+    statuses = []
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+    @given(body=bodies)
+    def call(body):
+        r = post(body)
+        statuses.append(r.status_code)
+        assert r.status_code in (200, 422), r.text[:300]
+        if r.status_code == 422:
+            assert r.json()["field"] in body, r.text[:300]
+        else:
+            assert len(r.json()["images"]) == body.get("num_images", 1)
+
+    call()
+    print(f"real-PNG fuzz: {sorted(Counter(statuses).items())}")
+    assert 200 in statuses and 422 in statuses, statuses  # both paths were exercised
+
+
+def test_concurrent_clients_are_all_answered_in_batches_never_mixing_steps(server):
+    label = toy_label(32, 32, seed=3)
+    mask = png_b64(label)
+    reference = {steps: post({"mask": mask, "seed": 5, "num_inference_steps": steps}).json()["images"][0]
+                 for steps in (1, 2)}
+    before = requests.get(f"{URL}/v1/info", timeout=30).json()["batching"]
+    answers, errors = [], []
+
+    def client(k):
+        try:
+            for i in range(3):
+                steps = 1 + (k + i) % 2
+                r = post({"mask": mask, "seed": 5, "num_inference_steps": steps})
+                answers.append((steps, r.status_code, r.json()["images"][0] if r.ok else r.text))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(answers) == 24
+    assert all(status == 200 for _, status, _ in answers), [a[1:] for a in answers if a[1] != 200][:3]
+    # a request batched with another step count still gets the image of its own step count
+    assert all(image == reference[steps] for steps, _, image in answers)
+    after = requests.get(f"{URL}/v1/info", timeout=30).json()["batching"]
+    assert after["requests"] - before["requests"] == 24
+    assert after["max_batch_size_seen"] > 1, json.dumps(after)
+    assert after["max_batch_size_seen"] <= 4
