@@ -33,7 +33,12 @@ def main(argv=None):
 
     from calora_ray.config import GenerateConfig, build_config
     from calora_ray.data import open_dataset
-    from calora_ray.generation import MaskGenerator, ShardGenerator, build_prompt, conditioning_channels
+    from calora_ray.generation import (
+        MaskGenerator,
+        ShardGenerator,
+        build_prompt,
+        conditioning_channels,
+    )
     from calora_ray.models import build_tiny
 
     controlnet_dir = out / "controlnet"

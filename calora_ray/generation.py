@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import resource
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +31,7 @@ import torch
 from PIL import Image
 
 from .concepts import join_class_names
-from .data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, class_names_present, colorize
+from .data.labels import NUM_CLASSES, class_names_present, colorize
 from .toyworld.world import CONDITION_PHRASES, CONDITIONS, caption
 
 # The style and viewpoint of the paper's generation prompt (METHOD.md, stage 4).
@@ -262,14 +265,14 @@ def load_controlnet(path: str):
     local = _local_dir(path)
     try:
         return ControlNetModel.from_pretrained(local)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise FileNotFoundError(f"--controlnet {path}: not a diffusers ControlNet directory "
                                 f"(config.json + diffusion_pytorch_model.safetensors) ({str(e).splitlines()[0]})") from None
 
 
 def _local_dir(path: str) -> str:
     """A local path for a model directory given as a path or file:// URI."""
-    return path[len("file://"):] if path.startswith("file://") else path
+    return path.removeprefix("file://")
 
 
 # ----------------------------------------------------------------------------- shards (the Ray Data adapter)
@@ -305,10 +308,6 @@ class ShardGenerator:
         self.weights = cfg.condition_weights or [1.0] * len(cfg.conditions)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import json
-
-        import resource
-
         records = []
         for k in batch["shard"]:
             try:
@@ -317,8 +316,6 @@ class ShardGenerator:
                 # Returned, not raised: a raising UDF fails the whole Dataset at once, and its actor
                 # pool may outlive the failure holding its CPUs; this way the other shards finish
                 # and commit, the pool shuts down normally, and a rerun only redoes this shard.
-                import traceback
-
                 records.append({"shard": int(k), "rows": 0, "error": traceback.format_exc(limit=8)})
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         return {"shard": np.array([r["shard"] for r in records], dtype=np.int64),
@@ -413,7 +410,6 @@ def check_generate_inputs(cfg) -> dict:
     if not (cn_dir / "config.json").is_file() or not weights:
         raise FileNotFoundError(f"--controlnet {cfg.controlnet}: not a diffusers ControlNet directory (needs config.json "
                                 "and diffusion_pytorch_model.safetensors; pass a jobs/train_controlnet.py output)")
-    import json
 
     cn_config = json.loads((cn_dir / "config.json").read_text())
     factor = 2 ** (len(cn_config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1)
@@ -450,15 +446,20 @@ def run_generate(cfg, progress: bool = True) -> dict:
     Rerunning the same command resumes: shards with a commit record are kept, every other file
     under data/ is deleted, and only the missing shards are generated.
     """
-    import json
-
     import ray
 
     from . import __version__
     from .config import to_dict
     from .data.masks import check_masks, list_masks
     from .distributed import ensure_ray
-    from .shards import MANIFEST, ShardStore, dataset_card, dataset_stats, preview_image, shard_ranges
+    from .shards import (
+        MANIFEST,
+        ShardStore,
+        dataset_card,
+        dataset_stats,
+        preview_image,
+        shard_ranges,
+    )
 
     checked = check_generate_inputs(cfg)
     resolution = checked["resolution"]
@@ -564,6 +565,19 @@ def run_generate(cfg, progress: bool = True) -> dict:
             "actor_peak_rss_mb": manifest["this_run"]["actor_peak_rss_mb"]}
 
 
-__all__ = ["MaskGenerator", "ShardGenerator", "run_generate", "SamplePlan", "augment_layout", "build_prompt", "class_pixels", "control_image",
-           "conditioning_channels", "load_controlnet", "plan_sample", "png_bytes", "sample_id", "sample_seed",
-           "CLASS_NAMES", "IGNORE_INDEX"]
+__all__ = [
+    "MaskGenerator",
+    "SamplePlan",
+    "ShardGenerator",
+    "augment_layout",
+    "build_prompt",
+    "class_pixels",
+    "conditioning_channels",
+    "control_image",
+    "load_controlnet",
+    "plan_sample",
+    "png_bytes",
+    "run_generate",
+    "sample_id",
+    "sample_seed",
+]

@@ -105,10 +105,10 @@ def test_job_saves_a_diffusers_controlnet_that_a_stock_pipeline_runs_and_resumes
                   height=64, width=64, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
     # the same command with more steps resumes from the step-2 checkpoint
-    losses = [row["loss"] for row in csv.DictReader(open(out / "loss.csv"))]
+    losses = [row["loss"] for row in csv.DictReader((out / "loss.csv").read_text().splitlines())]
     second = run(3)
     assert second["steps"] == 3
-    resumed = [row["loss"] for row in csv.DictReader(open(out / "loss.csv"))]
+    resumed = [row["loss"] for row in csv.DictReader((out / "loss.csv").read_text().splitlines())]
     assert resumed[:2] == losses and len(resumed) == 3
     assert not torch.equal(ControlNetModel.from_pretrained(out).controlnet_down_blocks[0].weight,
                            controlnet.controlnet_down_blocks[0].weight)

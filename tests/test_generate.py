@@ -3,7 +3,6 @@ resume (also on memory:// and a real S3 server), and jobs/generate.py end to end
 
 import io
 import json
-import os
 import socket
 import time
 
@@ -16,8 +15,15 @@ from calora_ray.config import ConfigError, GenerateConfig, build_config
 from calora_ray.data import open_dataset
 from calora_ray.data.labels import NUM_CLASSES
 from calora_ray.data.masks import MaskError, MaskReader, check_masks, list_masks
-from calora_ray.generation import (MaskGenerator, augment_layout, build_prompt, plan_sample, run_generate,
-                                   sample_id, sample_seed)
+from calora_ray.generation import (
+    MaskGenerator,
+    augment_layout,
+    build_prompt,
+    plan_sample,
+    run_generate,
+    sample_id,
+    sample_seed,
+)
 from calora_ray.shards import ShardStore, read_dataset, shard_ranges, table_bytes
 
 N, ROWS = 10, 4  # 3 shards: 4 + 4 + 2

@@ -27,7 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from calora_ray.data.labels import NUM_LABEL_IDS, LabelError, label_ids_to_train_ids, validate_label
+from calora_ray.data.labels import (
+    NUM_LABEL_IDS,
+    LabelError,
+    label_ids_to_train_ids,
+    validate_label,
+)
 
 LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
 TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
