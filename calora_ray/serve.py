@@ -31,6 +31,7 @@ import io
 import logging
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -445,8 +446,11 @@ class SegmentationSampler:
         from .lora import file_sha256
         from .models import resolve_dtype
 
+        import ray
+
         gpu = torch.cuda.is_available()
-        self.threads = settings.get("threads") or (1 if gpu else max(1, int(np.ceil(settings["num_cpus"]))))
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)  # what Serve gave this replica
+        self.threads = settings.get("threads") or (1 if gpu else max(1, int(np.ceil(cpus))))
         torch.set_num_threads(self.threads)
         device = torch.device("cuda" if gpu else "cpu")
         self.generator = MaskGenerator(settings["model"], lora=settings["lora"], controlnet=settings["controlnet"],
@@ -589,26 +593,35 @@ def run_serve(cfg, block: bool = True) -> str:
     from .distributed import ensure_ray
 
     check_serve_inputs(cfg)
-    started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    ensure_ray()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(application(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.host}:{cfg.port}"
-    if not block:
-        return url
-    print(f"serving {cfg.model.model} on {url}  (docs: {url}/docs, info: {url}/v1/info); Ctrl-C stops",
-          file=sys.stderr, flush=True)
+    started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    if block:
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        # SIGTERM (a supervisor, `kill`) stops as cleanly as Ctrl-C; SIGINT too when a shell started
+        # us in the background with SIGINT ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop)
+    ensure_ray()
     try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(application(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        if not block:
+            return url
+        print(f"serving {cfg.model.model} on {url}  (docs: {url}/docs, info: {url}/v1/info); Ctrl-C stops",
+              file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        if started_ray:
-            serve.shutdown()
-            ray.shutdown()
-        else:
-            serve.delete(APP_NAME)
+        if block:
+            if started_ray:
+                serve.shutdown()
+                ray.shutdown()
+            else:
+                serve.delete(APP_NAME)
     return url
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import threading
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,6 +137,36 @@ def test_generate_batch_never_mixes_settings_and_isolates_failures():
         assert all(Image.open(io.BytesIO(p)).size == r.label.shape[::-1] for p in pngs)
     results, _ = generate_batch(RecordingGenerator(fail_steps=3), reqs)
     assert isinstance(results[1], FloatingPointError) and all(isinstance(r, list) for i, r in enumerate(results) if i != 1)
+
+
+def test_cluster_yaml_is_a_valid_serve_config_and_build_app_takes_its_args(tmp_path):
+    """cluster/serve.yaml passes Serve's own schema, and its `args:` (or `serve run` key=value text)
+    build the app through ServeConfig: the same keys as jobs/serve.py's flags."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from calora_ray.config import ConfigError
+    from calora_ray.serve import build_app
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "serve.yaml").read_text())
+    ServeDeploySchema.model_validate(doc)
+    spec = doc["applications"][0]
+    assert spec["import_path"] == "calora_ray.serve:build_app" and doc["http_options"]["host"] == "127.0.0.1"
+    deployment = spec["deployments"][0]
+    assert deployment["name"] == "SegmentationSampler" and deployment["ray_actor_options"]["num_gpus"] == 1
+    assert set(deployment["autoscaling_config"]) == {"min_replicas", "max_replicas", "target_ongoing_requests"}
+    cn = tmp_path / "cn"
+    cn.mkdir()
+    (cn / "config.json").write_text("{}")
+    args = {k: v for k, v in spec["args"].items() if k not in ("lora", "controlnet")}
+    app = build_app({**args, "controlnet": str(cn), "max_batch_size": "2", "max_replicas": "3", "num_gpus": "0"})
+    options = app._bound_deployment._deployment_config
+    assert options.user_config == {"max_batch_size": 2, "batch_wait_timeout_s": 0.05}
+    assert options.autoscaling_config.max_replicas == 3
+    with pytest.raises(ConfigError, match="max_batch_sise"):
+        build_app({"controlnet": str(cn), "max_batch_sise": "2"})
+    with pytest.raises(FileNotFoundError, match="--controlnet"):
+        build_app({"controlnet": str(tmp_path / "missing")})
 
 
 # ----------------------------------------------------------------------------- the Serve app over HTTP
