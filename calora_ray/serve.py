@@ -228,8 +228,10 @@ def _first_error(errors) -> tuple[str, str]:
     if not errors:
         return "body", "invalid request"
     err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    return (loc[0] if loc else "body"), str(err.get("msg", "invalid value"))
+    loc = [p for p in err.get("loc", ()) if p != "body"]
+    # a leading int is a position (malformed JSON) or a list index of a non-object body: the body's fault
+    field = loc[0] if loc and isinstance(loc[0], str) else "body"
+    return field, str(err.get("msg", "invalid value"))
 
 
 # ----------------------------------------------------------------------------- batches (no Ray)
@@ -373,8 +375,8 @@ def build_api(run, info, limits: Limits):
 
     @app.exception_handler(HTTPException)
     async def _http_error(_, e: HTTPException):
-        detail = str(e.detail)
-        field = detail.split(":", 1)[0] if detail.startswith("body:") else "body"
+        detail = str(e.detail)  # 413 from _BodyLimit names the body; 404 / 405 name no field
+        field = "body" if detail.startswith("body:") else None
         return JSONResponse({"detail": detail, "field": field}, status_code=e.status_code, headers=e.headers)
 
     errors = {413: {"description": "body too large"}, 422: {"description": "bad input; `field` names it"}}

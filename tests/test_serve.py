@@ -265,7 +265,7 @@ def test_bad_requests_over_http_are_4xx_naming_the_field(server):
         r = post(body)
         assert r.status_code == status and r.json()["field"] == field, (body.keys(), r.status_code, r.text[:200])
     r = requests.post(f"{URL}/v1/generate", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
-    assert r.status_code == 422
+    assert r.status_code == 422 and r.json()["field"] == "body"
     # a streamed (chunked) body has no Content-Length: still cut off at the limit
     r = requests.post(f"{URL}/v1/generate", data=iter([b'{"mask": "' + b"A" * 40000, b"A" * 40000 + b'"}']),
                       headers={"Content-Type": "application/json"}, timeout=30)
