@@ -230,8 +230,12 @@ def test_generates_the_masks_size_deterministically_as_the_in_process_generator(
     assert out["images"][0] != out["images"][1]  # another seed, another image
     assert post(body).json()["images"] == out["images"]  # same seed -> same bytes
     # the endpoint is MaskGenerator, not a copy of it: the same bytes in process
-    direct = MaskGenerator("tiny", controlnet=str(controlnet_dir)).generate([label], [out["prompt"]], [11], steps=2)[0]
-    assert np.array_equal(np.asarray(images[0]), direct)
+    gen = MaskGenerator("tiny", controlnet=str(controlnet_dir))
+    direct = gen.generate([label, label], [out["prompt"]] * 2, [11, 12], steps=2)  # the same batch: the same bytes
+    assert all(np.array_equal(np.asarray(im), d) for im, d in zip(images, direct))
+    # alone, the image may differ by float rounding of batched kernels (MaskGenerator's docstring), no more
+    alone = gen.generate([label], [out["prompt"]], [11], steps=2)[0]
+    assert np.abs(alone.astype(int) - np.asarray(images[0]).astype(int)).max() <= 2
     # colormask = the same label in palette colours -> the same image
     colored = post({**body, "mask": None, "colormask": png_b64(colorize(label))})
     assert colored.json()["images"] == out["images"]
@@ -350,8 +354,13 @@ def test_concurrent_clients_are_all_answered_in_batches_never_mixing_steps(serve
         t.join(timeout=300)
     assert not errors and len(answers) == 24
     assert all(status == 200 for _, status, _ in answers), [a[1:] for a in answers if a[1] != 200][:3]
-    # a request batched with another step count still gets the image of its own step count
-    assert all(image == reference[steps] for steps, _, image in answers)
+    # a request batched with another step count still gets the image of its own step count (to float
+    # rounding of batched kernels: a batch of others may change a pixel by a unit or two, never more)
+    def pixels(b64):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))).astype(int)
+
+    assert np.abs(pixels(reference[1]) - pixels(reference[2])).mean() > 5  # the two step counts look different
+    assert all(np.abs(pixels(image) - pixels(reference[steps])).max() <= 2 for steps, _, image in answers)
     after = requests.get(f"{URL}/v1/info", timeout=30).json()["batching"]
     assert after["requests"] - before["requests"] == 24
     assert after["max_batch_size_seen"] > 1, json.dumps(after)
