@@ -90,6 +90,30 @@ def sample_attributes(seed: int) -> dict:
             "with_classes": bool(with_classes), "with_condition": bool(phrase) or condition != "clear"}
 
 
+def parse_caption(text: str) -> dict:
+    """The concepts a prompt asks for: dict(style, viewpoint, condition), each None when the prompt
+    does not say (a prompt that is not in the toy world's shapes). The inverse of caption():
+
+    parse_caption("Sketch of urban street in top-down view with road and car at night")
+    -> {"style": "sketch", "viewpoint": "top-down", "condition": "night"}
+
+    A world-shaped prompt without a condition phrase asks for clear weather, as in the captions.
+    """
+    text = " ".join(str(text).split())
+    style = viewpoint = condition = None
+    for (s, v), base in BASE_PROMPTS.items():
+        if text.startswith(base):
+            style, viewpoint = s, v
+            break
+    for c, phrase in CONDITION_PHRASES.items():
+        if text.endswith(phrase):
+            condition = c
+            break
+    if condition is None and style is not None:
+        condition = "clear"
+    return {"style": style, "viewpoint": viewpoint, "condition": condition}
+
+
 def render_world_sample(seed: int, size: int | tuple[int, int] = 64) -> dict:
     """World sample `seed`: dict(image HxWx3 uint8, label HxW uint8 train ids, caption, style,
     viewpoint, condition). The caption names the classes present in the label (train-id order)
@@ -111,6 +135,7 @@ __all__ = [
     "VIEWPOINTS",
     "caption",
     "join_class_names",
+    "parse_caption",
     "render_world",
     "render_world_sample",
     "sample_attributes",
