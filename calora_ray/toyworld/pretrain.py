@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import dataclasses
 import json
 import math
@@ -138,21 +139,24 @@ def num_parameters(module: nn.Module) -> int:
 # ----------------------------------------------------------------------------- data
 
 
+@functools.lru_cache(maxsize=2)
 def render_world_images(split: str, num_images: int, resolution: int) -> tuple[np.ndarray, list[str]]:
-    """The first `num_images` renders of toy:world `split`: uint8 (N, H, W, 3) and their captions."""
+    """The first `num_images` renders of toy:world `split`: uint8 (N, H, W, 3) and their captions.
+
+    Cached per process (read-only), so benchmarks/pretrain_adherence.py's continued runs render once."""
     from tqdm.auto import tqdm
 
     from calora_ray.data import open_dataset
 
     dataset = open_dataset("toy:world", split=split, num_images=num_images, resolution=resolution)
     images = np.empty((num_images, resolution, resolution, 3), np.uint8)
-    captions = []
+    captions: list[str] = []
     for i in tqdm(range(num_images), desc=f"render {split}", file=sys.stderr, mininterval=2, leave=False,
                   disable=num_images < 500):
         item = dataset[i]
         images[i] = item["image"]
         captions.append(item["caption"])
-    return images, captions
+    return images, tuple(captions)  # callers only read the array
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
