@@ -517,6 +517,10 @@ class GenerateConfig:
     strict: bool = field(default=False, metadata=_help(
         "Fail on the first bad mask, naming it (default: skip bad masks and list them in manifest.json)."))
     preview_samples: int = field(default=8, metadata=_help("Samples shown in preview.png."))
+    measure_samples: int = field(default=64, metadata=_help(
+        "For the toy models (tiny, toy-sd): measure label fidelity and prompt adherence of the first N "
+        "rows with the toy-world probe (jobs/measure.py's metrics) and put them on the dataset card "
+        "(0: skip; the probe trains once, a few minutes, when not cached)."))
     output: str = field(default="outputs/generate", metadata=_help(
         "Output URI (a path, file://, s3://, ...): data/shard-*.parquet, manifest.json, README.md, "
         "preview.png. Running the same command again resumes: completed shards are kept."))
@@ -534,8 +538,8 @@ class GenerateConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_actor is not None and self.cpus_per_actor < 1:
             raise ConfigError(f"--cpus-per-actor must be >= 1, got {self.cpus_per_actor}")
-        if self.seed < 0 or self.guidance < 0 or self.preview_samples < 0:
-            raise ConfigError("--seed, --guidance and --preview-samples must be >= 0")
+        if self.seed < 0 or self.guidance < 0 or self.preview_samples < 0 or self.measure_samples < 0:
+            raise ConfigError("--seed, --guidance, --preview-samples and --measure-samples must be >= 0")
         if self.max_zoom < 1:
             raise ConfigError(f"--max-zoom must be >= 1, got {self.max_zoom}")
         if not self.conditions:

@@ -24,6 +24,7 @@ import resource
 import sys
 import time
 import traceback
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -372,7 +373,8 @@ class ShardGenerator:
 
 # Knobs that do not change what a sample is: a rerun may change them and still resume.
 # (A different --batch-size may change an image by float rounding of batched kernels, not its content.)
-NOT_IDENTITY = ("num_actors", "batch_size", "cpus_per_actor", "use_gpu", "strict", "preview_samples", "overwrite",
+NOT_IDENTITY = ("num_actors", "batch_size", "cpus_per_actor", "use_gpu", "strict", "preview_samples", "measure_samples",
+                "overwrite",
                 "simulate_failure_at_shard", "output", "row_group_size")
 
 
@@ -437,6 +439,27 @@ def generation_resources(num_actors: int | None, use_gpu: str, cpus_per_actor: i
     actors = num_actors or (gpus if gpus and use_gpu != "false" else 1)
     gpu, per_actor = resolve_resources(actors, use_gpu, cpus_per_actor, wait_s)
     return actors, gpu, per_actor
+
+
+def is_toy_model(model: str) -> bool:
+    """The models the toy-world probe can judge: the presets and the committed toy-sd directory."""
+    from .models import TOY_SD_DIR
+
+    return model in ("tiny", "toy-sd") or (Path(model).is_dir() and Path(model).resolve() == Path(TOY_SD_DIR).resolve())
+
+
+def probe_measures(uri: str, max_rows: int) -> dict:
+    """Label fidelity and prompt adherence of the first `max_rows` rows of a generate output, with the
+    toy-world probe (jobs/measure.py's metrics, no reference set): what the dataset card reports."""
+    from .config import MeasureConfig, build_config
+    from .measure import probe_metrics, read_samples
+
+    samples = read_samples(uri.rstrip("/") + "/data", max_rows)
+    report = probe_metrics(samples, build_config(MeasureConfig, {"samples": uri, "reference": None,
+                                                                  "train_data": None}))
+    return {"rows_measured": int(len(samples.images)), "measured_with": "toy-world probe (calora_ray.probe)",
+            "label_fidelity_miou": report["label_fidelity"]["miou"] if "label_fidelity" in report else None,
+            **{f"prompt_adherence_{k}": v["adherence"] for k, v in report["prompt_adherence"].items()}}
 
 
 def run_generate(cfg, progress: bool = True) -> dict:
@@ -559,6 +582,11 @@ def run_generate(cfg, progress: bool = True) -> dict:
         buf = io.BytesIO()
         grid.save(buf, format="PNG")
         store.put("preview.png", buf.getvalue())
+    if cfg.measure_samples and is_toy_model(cfg.model.model):
+        measures = probe_measures(store.uri, cfg.measure_samples)
+        from .shards import update_card_measures
+
+        update_card_measures(store.uri, measures)
     return {"output": store.uri, "samples": stats["rows"], "unique_sample_ids": stats["unique_sample_ids"],
             "shards": len(records), "generated_samples": new_samples, "resumed_shards": len(records) - len(pending),
             "elapsed_s": elapsed, "images_per_s": manifest["this_run"]["images_per_s"], "skipped": len(skipped),

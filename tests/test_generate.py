@@ -312,7 +312,12 @@ def test_end_to_end_shards_read_back(first_run, local_ray):
     for shard in manifest["shards"]:
         assert hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
     card = (out / "README.md").read_text()
-    assert "10 samples" in card and "| label | binary |" in card and "not been measured" in card
+    assert "10 samples" in card and "| label | binary |" in card
+    # measured with the toy-world probe (tiny's images are noise, so only the plumbing is checked here)
+    measures = manifest["measures"]
+    assert measures["rows_measured"] == N and 0 <= measures["label_fidelity_miou"] <= 1
+    assert all(0 <= measures[f"prompt_adherence_{k}"] <= 1 for k in ("style", "viewpoint", "condition"))
+    assert "| label_fidelity_miou |" in card
     preview = Image.open(out / "preview.png")
     assert preview.size[0] >= 3 * 128 and preview.size[1] >= 4 * 128
     # read back with Ray Data as well
