@@ -128,7 +128,7 @@ def lora_task(components: Components, modules: list[str], rank: int, alpha: floa
                         load_state_dict=load_state_dict, save_final=lambda d: save_lora(components, unet, d))
 
 
-def controlnet_task(components: Components, *, lora: str | None = None, caption: str,
+def controlnet_task(components: Components, *, lora: str | None = None, caption: str | None,
                     caption_with_classes: bool = True, seed: int = 0,
                     gradient_checkpointing: bool = False) -> TrainingTask:
     """A segmentation ControlNet, initialised from the base UNet (diffusers' ControlNetModel.from_unet),
@@ -157,7 +157,9 @@ def controlnet_task(components: Components, *, lora: str | None = None, caption:
     def compute_loss(items: list[dict], generator: torch.Generator) -> torch.Tensor:
         size = items[0]["image"].shape[0]
         labels = [it["label"] for it in items]
-        prompts = captions_for(labels, caption, caption_with_classes)
+        # caption None: each item's own caption (the toy world's renders carry one)
+        prompts = ([it["caption"] for it in items] if caption is None
+                   else captions_for(labels, caption, caption_with_classes))
         for p in set(prompts) - cache.keys():
             cache[p] = encode_prompts(components, [p], size, size)
         cond = _stack_cond([cache[p] for p in prompts])

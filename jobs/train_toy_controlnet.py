@@ -1,0 +1,94 @@
+"""Train the segmentation ControlNet that ships with toy-sd (models/toy-sd-controlnet).
+
+    python jobs/train_toy_controlnet.py --device cuda --steps 2000 --output models/toy-sd-controlnet
+
+Like the public SD-1.5 segmentation ControlNets users download rather than train, toy-sd comes
+with one, so the demo and the tests need no long ControlNet training. It is the ControlNet of
+jobs/train_controlnet.py (calora_ray.training.controlnet_task on the same training loop) trained
+on the pretraining world's first-person renders, each with its own caption (style and condition
+vary), in one process (no Ray: it runs where Ray is not installed, e.g. a bare GPU box).
+Writes a diffusers ControlNetModel directory plus loss.csv / loss.png and controlnet.json.
+"""
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import torch  # noqa: E402
+
+from calora_ray.config import TrainingConfig, build_config  # noqa: E402
+from calora_ray.data import open_dataset, toy_render_seed  # noqa: E402
+from calora_ray.models import load_components  # noqa: E402
+from calora_ray.plots import plot_loss  # noqa: E402
+from calora_ray.toyworld.world import sample_attributes  # noqa: E402
+from calora_ray.training import controlnet_task, train  # noqa: E402
+
+
+def first_person_world(num_images: int, resolution: int) -> list[dict]:
+    """The first-person renders among the first `num_images` of toy:world's train split (about
+    half), rendered once up front (the training loop would otherwise render every batch again)."""
+    from tqdm.auto import tqdm
+
+    world = open_dataset("toy:world", split="train", num_images=num_images, resolution=resolution)
+    keep = [i for i in range(num_images)
+            if sample_attributes(toy_render_seed("train", i))["viewpoint"] == "first-person"]
+    return [world[i] for i in tqdm(keep, desc="render", file=sys.stderr, mininterval=5)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="toy-sd")
+    parser.add_argument("--output", default="models/toy-sd-controlnet")
+    parser.add_argument("--num-images", type=int, default=8000, help="toy:world train renders to draw from")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--init", default=None, help="continue from this ControlNet directory's weights "
+                        "(a new optimizer and schedule)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is robust on a busy machine)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    components = load_components(args.model)
+    components.to(device)
+    resolution = components.unet.config.sample_size * components.vae_scale_factor
+    t0 = time.perf_counter()
+    dataset = first_person_world(args.num_images, resolution)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = controlnet_task(components, caption=None, seed=args.seed)
+    if args.init:
+        from diffusers import ControlNetModel
+
+        task.module.load_state_dict(ControlNetModel.from_pretrained(args.init).state_dict())
+    tc = build_config(TrainingConfig, {"steps": args.steps, "batch_size": args.batch_size,
+                                       "learning_rate": args.learning_rate, "seed": args.seed,
+                                       "lr_warmup_steps": 100, "log_every": 25})
+    history = train(task, dataset, tc, device=device)
+    elapsed = time.perf_counter() - t0
+    out = Path(args.output)
+    task.module.to("cpu")
+    task.save_final(out)
+    (out / "loss.csv").write_text("step,loss\n" + "".join(f"{h['step']},{h['loss']}\n" for h in history))
+    plot_loss([h["step"] for h in history], [h["loss"] for h in history], out / "loss.png",
+              title="toy-sd segmentation ControlNet")
+    (out / "controlnet.json").write_text(json.dumps({
+        "base_model": args.model, "data": "toy:world train, first-person renders with their captions",
+        "training_images": len(dataset), "steps": args.steps, "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate, "seed": args.seed, "device": args.device, "init": args.init,
+        "init_record": json.loads((Path(args.init) / "controlnet.json").read_text()) if args.init else None,
+        "wall_s": round(elapsed, 1), "final_loss": sum(h["loss"] for h in history[-20:]) / len(history[-20:]),
+        "command": shlex.join(["python", "jobs/train_toy_controlnet.py", *(argv if argv is not None else sys.argv[1:])]),
+        "torch_version": torch.__version__}, indent=2) + "\n")
+    print(f"controlnet: {out}")
+
+
+if __name__ == "__main__":
+    main()
