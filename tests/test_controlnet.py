@@ -17,14 +17,6 @@ from calora_ray.models import build_tiny
 from calora_ray.training import controlnet_task, train
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on this shared 2-core machine thrash
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
     """A tiny-model LoRA whose up-projections are non-zero, so applying it changes the UNet."""

@@ -40,18 +40,6 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """On this shared 2-core machine two OpenMP threads that wait on each other make a tiny
-    generate() call ~50x slower; the actors get one thread each through --cpus-per-actor 1."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     import ray

@@ -45,16 +45,6 @@ def toy_label(height=32, width=64, seed=0) -> np.ndarray:
     return label.astype(np.uint8)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- plain functions
 
 
