@@ -801,4 +801,5 @@ def to_dict(cfg) -> dict[str, Any]:
 
 
 JOB_CONFIGS = {"score": ScoreConfig, "finetune": FinetuneConfig, "sample": SampleConfig,
-               "pretrain_toy": PretrainConfig}
+               "pretrain_toy": PretrainConfig, "measure": MeasureConfig, "train_controlnet": ControlNetConfig,
+               "generate": GenerateConfig, "serve": ServeConfig}

@@ -77,3 +77,20 @@ def test_help_lists_every_flag(capsys):
     for flag in ("--model", "--data", "--concept", "--top-k-percent", "--timestep", "--num-samples", "--x0",
                  "--self-attention-only", "--k-by", "--selection-mode", "--output", "--config"):
         assert flag in out
+
+
+def test_one_yaml_for_every_job(tmp_path):
+    """Top-level keys of any job are accepted by all (each job takes its own); a typo is still refused."""
+    from calora_ray.config import JOB_CONFIGS, GenerateConfig, MeasureConfig, SampleConfig, ServeConfig
+
+    assert set(JOB_CONFIGS) >= {"score", "finetune", "sample", "pretrain_toy", "measure", "train_controlnet",
+                                "generate", "serve"}
+    f = tmp_path / "all.yaml"
+    f.write_text("model: toy-sd\nrows_per_shard: 7\nreference: toy:world\nmax_batch_size: 3\n")
+    assert parse_config(SampleConfig, ["--config", str(f)], job="sample").model.model == "toy-sd"
+    assert parse_config(GenerateConfig, ["--config", str(f)], job="generate").rows_per_shard == 7
+    assert parse_config(MeasureConfig, ["--config", str(f)], job="measure").reference == "toy:world"
+    assert parse_config(ServeConfig, ["--config", str(f)], job="serve").max_batch_size == 3
+    f.write_text("rows_per_shrd: 7\n")
+    with pytest.raises(ConfigError, match="unknown key 'rows_per_shrd'"):
+        load_yaml(f, GenerateConfig, "generate")
