@@ -319,21 +319,19 @@ def validate(task: TrainingTask, tc: TrainingConfig, step: int, log_dir: Path, w
 # ----------------------------------------------------------------------------- Ray Train + the job
 
 
-def finetune_worker(config: dict) -> None:
-    """One Ray Train worker of jobs/finetune.py: the same `train` as the single-process path."""
+def run_worker(cfg, build_task: Callable[[Components], TrainingTask]) -> None:
+    """The body of every Ray Train training worker: load the model on this worker's device, build
+    the task, open the data, and run the shared `train` loop from the latest checkpoint."""
     from .cli import quiet_libraries
     from .data import open_dataset
     from .distributed import ray_latest_checkpoint, ray_report, set_worker_threads, worker_device
 
     quiet_libraries()
     set_worker_threads()
-    cfg: FinetuneConfig = config["cfg"]
     device = worker_device()
     components = load_components(cfg.model.model, cfg.model.model_seed)
     components.to(device, resolve_dtype(cfg.model.mixed_precision, device))
-    task = lora_task(components, config["modules"], cfg.rank, cfg.lora_alpha, caption=cfg.caption,
-                     caption_with_classes=cfg.caption_with_classes, seed=cfg.training.seed,
-                     gradient_checkpointing=cfg.training.gradient_checkpointing)
+    task = build_task(components)
     dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
                            resolution=cfg.data.resolution, seed=0)
     resume_from = ray_latest_checkpoint()
@@ -343,6 +341,15 @@ def finetune_worker(config: dict) -> None:
     finally:
         if resume_from is not None:
             shutil.rmtree(resume_from, ignore_errors=True)
+
+
+def finetune_worker(config: dict) -> None:
+    """One Ray Train worker of jobs/finetune.py: the same `train` as the single-process path."""
+    cfg: FinetuneConfig = config["cfg"]
+    run_worker(cfg, lambda components: lora_task(
+        components, config["modules"], cfg.rank, cfg.lora_alpha, caption=cfg.caption,
+        caption_with_classes=cfg.caption_with_classes, seed=cfg.training.seed,
+        gradient_checkpointing=cfg.training.gradient_checkpointing))
 
 
 # What defines a run: a rerun with the same output resumes only if these agree.
@@ -467,27 +474,10 @@ CONTROLNET_IDENTITY = tuple(k for k in RUN_IDENTITY if k not in ("rank", "alpha"
 
 def controlnet_worker(config: dict) -> None:
     """One Ray Train worker of jobs/train_controlnet.py: the same `train` loop as fine-tuning."""
-    from .cli import quiet_libraries
-    from .data import open_dataset
-    from .distributed import ray_latest_checkpoint, ray_report, set_worker_threads, worker_device
-
-    quiet_libraries()
-    set_worker_threads()
     cfg = config["cfg"]
-    device = worker_device()
-    components = load_components(cfg.model.model, cfg.model.model_seed)
-    components.to(device, resolve_dtype(cfg.model.mixed_precision, device))
-    task = controlnet_task(components, lora=cfg.lora, caption=cfg.caption, caption_with_classes=cfg.caption_with_classes,
-                           seed=cfg.training.seed, gradient_checkpointing=cfg.training.gradient_checkpointing)
-    dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
-                           resolution=cfg.data.resolution, seed=0)
-    resume_from = ray_latest_checkpoint()
-    try:
-        train(task, dataset, cfg.training, device=device, mixed_precision=cfg.model.mixed_precision,
-              resume_from=resume_from, report=ray_report, log_dir=Path(cfg.output) / "logs")
-    finally:
-        if resume_from is not None:
-            shutil.rmtree(resume_from, ignore_errors=True)
+    run_worker(cfg, lambda components: controlnet_task(
+        components, lora=cfg.lora, caption=cfg.caption, caption_with_classes=cfg.caption_with_classes,
+        seed=cfg.training.seed, gradient_checkpointing=cfg.training.gradient_checkpointing))
 
 
 def run_train_controlnet(cfg) -> Path:
