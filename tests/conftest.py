@@ -57,6 +57,28 @@ def tiny_dir(tmp_path_factory):
     return save_components(build_tiny(seed=0), tmp_path_factory.mktemp("tiny") / "tiny-sd")
 
 
+@pytest.fixture(scope="session")
+def controlnet_dir(tmp_path_factory):
+    """A random segmentation ControlNet for the tiny model: from_unet, with its zero convolutions made
+    non-zero (a fresh ControlNet's output is exactly zero, so the label would not matter yet)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from calora_ray.generation import conditioning_channels
+    from calora_ray.models import build_tiny
+
+    tiny = build_tiny(0)
+    path = tmp_path_factory.mktemp("controlnet") / "cn"
+    controlnet = ControlNetModel.from_unet(tiny.unet, conditioning_embedding_out_channels=conditioning_channels(4))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                       controlnet.controlnet_cond_embedding.conv_out]:
+            module.weight.normal_(0, 0.05)
+    controlnet.save_pretrained(path)
+    return path
+
+
 def _fixed_batch_loss(components, dataset, caption="Photorealistic first-person urban street view"):
     """L_diff on a fixed batch: the same images, VAE draws, noise and timesteps every call."""
     import numpy as np

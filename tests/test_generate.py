@@ -51,28 +51,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def controlnet_dir(tmp_path_factory):
-    """A random segmentation ControlNet for the tiny model: from_unet, with its zero convolutions made
-    non-zero (a fresh ControlNet's output is exactly zero, so the label would not matter yet)."""
-    import torch
-    from diffusers import ControlNetModel
-
-    from calora_ray.generation import conditioning_channels
-    from calora_ray.models import build_tiny
-
-    tiny = build_tiny(0)
-    path = tmp_path_factory.mktemp("controlnet") / "cn"
-    controlnet = ControlNetModel.from_unet(tiny.unet, conditioning_embedding_out_channels=conditioning_channels(4))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                       controlnet.controlnet_cond_embedding.conv_out]:
-            module.weight.normal_(0, 0.05)
-    controlnet.save_pretrained(path)
-    return path
-
-
 def generate_cfg(controlnet_dir, output, **values):
     return build_config(GenerateConfig, {"model": "tiny", "controlnet": str(controlnet_dir), "num_samples": N,
                                          "rows_per_shard": ROWS, "steps": 2, "batch_size": 4, "output": str(output),

@@ -163,26 +163,6 @@ def test_cluster_yaml_is_a_valid_serve_config_and_build_app_takes_its_args(tmp_p
 
 
 @pytest.fixture(scope="module")
-def controlnet_dir(tmp_path_factory):
-    """A random segmentation ControlNet for the tiny model (as tests/test_generate.py builds it)."""
-    import torch
-    from diffusers import ControlNetModel
-
-    from calora_ray.generation import conditioning_channels
-    from calora_ray.models import build_tiny
-
-    path = tmp_path_factory.mktemp("controlnet") / "cn"
-    controlnet = ControlNetModel.from_unet(build_tiny(0).unet, conditioning_embedding_out_channels=conditioning_channels(4))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                       controlnet.controlnet_cond_embedding.conv_out]:
-            module.weight.normal_(0, 0.05)
-    controlnet.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def server(controlnet_dir):
     """One Serve app for the module: max 4 requests per batch, a 0.3 s batch window, small limits."""
     import ray
