@@ -453,6 +453,14 @@ class ControlNetConfig:
         "Caption of every training pair (the paper's base prompt)."))
     caption_with_classes: bool = field(default=True, metadata=_help(
         "Append ' with {class names}' (the classes present in each label), as generation prompts do."))
+    timesteps: str = field(default="cubic", metadata=_help(
+        "How training draws diffusion timesteps: 'cubic' puts most steps at high noise, where a sampler "
+        "lays out the image (T2I-Adapter's recipe for structure control); 'uniform' as the original "
+        "ControlNet recipe.", choices=("uniform", "cubic")))
+    proportion_empty_prompts: float = field(default=0.0, metadata=_help(
+        "Share of training pairs whose caption is replaced by the empty prompt (the ControlNet paper "
+        "uses 0.5): the mask is then the only clue, and guidance's unconditional branch, which also runs "
+        "the ControlNet, is trained too."))
     output: str = field(default="outputs/controlnet", metadata=_help(
         "Output (and run) directory: the ControlNet in the diffusers format (config.json + "
         "diffusion_pytorch_model.safetensors; ControlNetModel.from_pretrained loads it), controlnet.json, "
@@ -460,6 +468,11 @@ class ControlNetConfig:
         "same output resumes from the latest checkpoint."))
     overwrite: bool = field(default=False, metadata=_help(
         "Delete the output directory (and its checkpoints) first and start over."))
+
+    def __post_init__(self):
+        check_choice("timesteps", self.timesteps, ("uniform", "cubic"))
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise ConfigError(f"--proportion-empty-prompts: {self.proportion_empty_prompts} is not in [0, 1]")
 
 
 @dataclass

@@ -14,6 +14,26 @@ import torch
 import torch.nn.functional as F
 
 
+TIMESTEP_SAMPLING = ("uniform", "cubic")
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator,
+                     sampling: str = "uniform") -> torch.Tensor:
+    """Training timesteps (B,) in [0, T).
+
+    uniform  every t equally often (DDPM; what L_diff and the sensitivity scores use).
+    cubic    t = (1 - u^3) T with u uniform: most draws at high noise, where a sampler lays out
+             the image. T2I-Adapter (Mou et al., 2023) trains its structure adapters this way,
+             because a control signal that is ignored at the first, noisiest steps is lost.
+    """
+    if sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    if sampling == "cubic":
+        u = torch.rand((batch,), generator=generator)
+        return ((1.0 - u**3) * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+    raise ValueError(f"timestep sampling {sampling!r}: expected one of {TIMESTEP_SAMPLING}")
+
+
 def noisy_latents(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """x_t for latents x0 (B, C, H, W), noise like x0, integer timesteps (B,)."""
     return scheduler.add_noise(x0, noise, timesteps)

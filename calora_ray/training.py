@@ -30,7 +30,7 @@ from torch import nn
 from . import __version__
 from .config import FinetuneConfig, TrainingConfig, to_dict
 from .distributed import all_reduce_gradients, all_reduce_sum, rank_and_world
-from .losses import diffusion_loss, diffusion_target, noisy_latents
+from .losses import diffusion_loss, diffusion_target, noisy_latents, sample_timesteps
 from .lora import LORA_WEIGHT_NAME, attach_lora, check_modules, file_sha256, read_selection, save_lora
 from .models import Components, encode_images, encode_prompts, load_components, resolve_dtype
 from .outputs import atomic_write_text, prepare_run_dir
@@ -72,15 +72,17 @@ def captions_for(labels: list[np.ndarray], caption: str, with_classes: bool) -> 
 
 
 def diffusion_step_loss(components: Components, latents: torch.Tensor, cond: dict,
-                        generator: torch.Generator, control: Callable | None = None) -> torch.Tensor:
+                        generator: torch.Generator, control: Callable | None = None,
+                        timesteps: str = "uniform") -> torch.Tensor:
     """L_diff on a batch: random timesteps and noise (from `generator`), x_t, UNet, MSE to the target.
 
     latents: (B, C, h, w) clean x_0; cond: UNet conditioning kwargs with B rows.
     control: optional (x_t, t) -> extra UNet kwargs (a ControlNet's residuals).
+    timesteps: how t is drawn (losses.sample_timesteps: "uniform" or "cubic").
     """
     scheduler = components.noise_scheduler
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    t = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator, timesteps)
     t = t.to(latents.device)
     noisy = noisy_latents(scheduler, latents, noise, t)
     extra = control(noisy, t) if control is not None else {}
@@ -129,11 +131,16 @@ def lora_task(components: Components, modules: list[str], rank: int, alpha: floa
 
 
 def controlnet_task(components: Components, *, lora: str | None = None, caption: str | None,
-                    caption_with_classes: bool = True, seed: int = 0,
-                    gradient_checkpointing: bool = False) -> TrainingTask:
+                    caption_with_classes: bool = True, seed: int = 0, timesteps: str = "cubic",
+                    proportion_empty_prompts: float = 0.0, gradient_checkpointing: bool = False) -> TrainingTask:
     """A segmentation ControlNet, initialised from the base UNet (diffusers' ControlNetModel.from_unet),
     trained with L_diff to steer the frozen UNet — with the CA-LoRA adapter `lora` applied — from
     the colour-coded label map (Cityscapes palette, at the label's own size: never interpolated).
+    timesteps: "cubic" (default) draws most training steps at high noise, where the layout of a
+    sample is decided; "uniform" as in the original ControlNet recipe (losses.sample_timesteps).
+    proportion_empty_prompts: train this share of the pairs with the empty prompt (the ControlNet
+    paper uses 0.5): the mask is then the only clue, and classifier-free guidance's unconditional
+    branch, which also runs the ControlNet, sees what it was trained on.
     """
     from diffusers import ControlNetModel
 
@@ -160,6 +167,9 @@ def controlnet_task(components: Components, *, lora: str | None = None, caption:
         # caption None: each item's own caption (the toy world's renders carry one)
         prompts = ([it["caption"] for it in items] if caption is None
                    else captions_for(labels, caption, caption_with_classes))
+        if proportion_empty_prompts > 0:
+            drop = torch.rand((len(prompts),), generator=generator) < proportion_empty_prompts
+            prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         for p in set(prompts) - cache.keys():
             cache[p] = encode_prompts(components, [p], size, size)
         cond = _stack_cond([cache[p] for p in prompts])
@@ -173,7 +183,7 @@ def controlnet_task(components: Components, *, lora: str | None = None, caption:
             return {"down_block_additional_residuals": [d.to(noisy.dtype) for d in down],
                     "mid_block_additional_residual": mid.to(noisy.dtype)}
 
-        return diffusion_step_loss(components, latents, cond, generator, control)
+        return diffusion_step_loss(components, latents, cond, generator, control, timesteps=timesteps)
 
     def state_dict():
         return {k: v.detach().cpu().clone() for k, v in controlnet.state_dict().items()}
@@ -469,7 +479,9 @@ def write_finetune_outputs(cfg: FinetuneConfig, weights: Path, state: dict, modu
 # ----------------------------------------------------------------------------- the ControlNet job
 
 CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
-CONTROLNET_IDENTITY = tuple(k for k in RUN_IDENTITY if k not in ("rank", "alpha"))  # + the LoRA's sha256
+# (+ the LoRA's sha256)
+CONTROLNET_IDENTITY = tuple(k for k in RUN_IDENTITY if k not in ("rank", "alpha")) + (
+    "timesteps", "proportion_empty_prompts")
 
 
 def controlnet_worker(config: dict) -> None:
@@ -477,7 +489,9 @@ def controlnet_worker(config: dict) -> None:
     cfg = config["cfg"]
     run_worker(cfg, lambda components: controlnet_task(
         components, lora=cfg.lora, caption=cfg.caption, caption_with_classes=cfg.caption_with_classes,
-        seed=cfg.training.seed, gradient_checkpointing=cfg.training.gradient_checkpointing))
+        seed=cfg.training.seed, timesteps=cfg.timesteps,
+        proportion_empty_prompts=cfg.proportion_empty_prompts,
+        gradient_checkpointing=cfg.training.gradient_checkpointing))
 
 
 def run_train_controlnet(cfg) -> Path:

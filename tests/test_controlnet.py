@@ -104,3 +104,44 @@ def test_job_saves_a_diffusers_controlnet_that_a_stock_pipeline_runs_and_resumes
     assert resumed[:2] == losses and len(resumed) == 3
     assert not torch.equal(ControlNetModel.from_pretrained(out).controlnet_down_blocks[0].weight,
                            controlnet.controlnet_down_blocks[0].weight)
+
+
+def test_cubic_timesteps_favour_high_noise_and_stay_in_range():
+    from calora_ray.losses import sample_timesteps
+
+    draw = {s: sample_timesteps(20000, 1000, torch.Generator().manual_seed(0), s) for s in ("uniform", "cubic")}
+    for t in draw.values():
+        assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
+    # P(t > T/2) is 1/2 for uniform and 0.5 ** (1/3) = 0.794 for t = (1 - u^3) T
+    assert abs(float((draw["uniform"] > 500).float().mean()) - 0.5) < 0.02
+    assert abs(float((draw["cubic"] > 500).float().mean()) - 0.794) < 0.02
+    assert torch.equal(draw["cubic"], sample_timesteps(20000, 1000, torch.Generator().manual_seed(0), "cubic"))
+    with pytest.raises(ValueError, match="cosine.*uniform"):
+        sample_timesteps(4, 1000, torch.Generator(), "cosine")
+
+
+@pytest.mark.parametrize("proportion", [0.0, 0.5, 1.0])
+def test_empty_prompt_proportion(monkeypatch, proportion):
+    import calora_ray.training as training
+
+    seen = []
+    real = training.encode_prompts
+    monkeypatch.setattr(training, "encode_prompts", lambda c, prompts, h, w: seen.extend(prompts) or real(c, prompts, h, w))
+    task = controlnet_task(build_tiny(0), caption="Photorealistic first-person urban street view",
+                           proportion_empty_prompts=proportion)
+    dataset = open_dataset("toy", num_images=8)
+    task.compute_loss([dataset[i % 8] for i in range(32)], torch.Generator().manual_seed(0))
+    empty = "" in seen
+    assert empty == (proportion > 0)
+    assert any(p.startswith("Photorealistic") for p in seen) == (proportion < 1)
+
+
+def test_controlnet_recipe_options_are_validated():
+    from calora_ray.config import ConfigError
+
+    cfg = build_config(ControlNetConfig, {})
+    assert (cfg.timesteps, cfg.proportion_empty_prompts) == ("cubic", 0.0)
+    with pytest.raises(ConfigError, match="--timesteps"):
+        build_config(ControlNetConfig, {"timesteps": "cosine"})
+    with pytest.raises(ConfigError, match="--proportion-empty-prompts"):
+        build_config(ControlNetConfig, {"proportion_empty_prompts": 1.5})
