@@ -1,18 +1,22 @@
 """Train the segmentation ControlNet that ships with toy-sd (models/toy-sd-controlnet).
 
     python jobs/train_toy_controlnet.py --device cuda --steps 2000 --output models/toy-sd-controlnet
+    python jobs/train_toy_controlnet.py --init models/toy-sd-controlnet --threads 1 ...   # continue it
 
 Like the public SD-1.5 segmentation ControlNets users download rather than train, toy-sd comes
 with one, so the demo and the tests need no long ControlNet training. It is the ControlNet of
 jobs/train_controlnet.py (calora_ray.training.controlnet_task on the same training loop) trained
 on the pretraining world's first-person renders, each with its own caption (style and condition
 vary), in one process (no Ray: it runs where Ray is not installed, e.g. a bare GPU box).
-Writes a diffusers ControlNetModel directory plus loss.csv / loss.png and controlnet.json.
+Writes a diffusers ControlNetModel directory plus loss.csv / loss.png and controlnet.json (which,
+after --init, embeds the record of the run it continued: the model card lists every stage).
 """
 
 import argparse
 import json
+import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,15 +33,25 @@ from calora_ray.toyworld.world import sample_attributes  # noqa: E402
 from calora_ray.training import controlnet_task, train  # noqa: E402
 
 
+def _render(args: tuple[int, int, int]) -> dict:
+    num_images, resolution, index = args
+    return open_dataset("toy:world", split="train", num_images=num_images, resolution=resolution)[index]
+
+
 def first_person_world(num_images: int, resolution: int) -> list[dict]:
     """The first-person renders among the first `num_images` of toy:world's train split (about
-    half), rendered once up front (the training loop would otherwise render every batch again)."""
+    half), rendered once up front (the training loop would otherwise render every batch again),
+    on every core (a GPU box has many)."""
+    import multiprocessing
+
     from tqdm.auto import tqdm
 
-    world = open_dataset("toy:world", split="train", num_images=num_images, resolution=resolution)
     keep = [i for i in range(num_images)
             if sample_attributes(toy_render_seed("train", i))["viewpoint"] == "first-person"]
-    return [world[i] for i in tqdm(keep, desc="render", file=sys.stderr, mininterval=5)]
+    jobs = [(num_images, resolution, i) for i in keep]
+    with multiprocessing.get_context("spawn").Pool(max(1, min(16, os.cpu_count() or 1))) as pool:
+        return list(tqdm(pool.imap(_render, jobs, chunksize=64), total=len(jobs), desc="render",
+                         file=sys.stderr, mininterval=5))
 
 
 def main(argv=None):
@@ -52,6 +66,12 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--init", default=None, help="continue from this ControlNet directory's weights "
                         "(a new optimizer and schedule)")
+    parser.add_argument("--timesteps", default="cubic", choices=("uniform", "cubic"),
+                        help="how training draws timesteps (calora_ray.losses.sample_timesteps)")
+    parser.add_argument("--proportion-empty-prompts", type=float, default=0.0,
+                        help="share of training pairs with the empty prompt (ControlNet paper: 0.5)")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="also save the ControlNet every N steps under OUTPUT/checkpoint-N (0: only at the end)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is robust on a busy machine)")
     args = parser.parse_args(argv)
 
@@ -63,17 +83,27 @@ def main(argv=None):
     dataset = first_person_world(args.num_images, resolution)
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = controlnet_task(components, caption=None, seed=args.seed)
+    task = controlnet_task(components, caption=None, seed=args.seed, timesteps=args.timesteps,
+                           proportion_empty_prompts=args.proportion_empty_prompts)
     if args.init:
         from diffusers import ControlNetModel
 
         task.module.load_state_dict(ControlNetModel.from_pretrained(args.init).state_dict())
     tc = build_config(TrainingConfig, {"steps": args.steps, "batch_size": args.batch_size,
                                        "learning_rate": args.learning_rate, "seed": args.seed,
-                                       "lr_warmup_steps": 100, "log_every": 25})
-    history = train(task, dataset, tc, device=device)
-    elapsed = time.perf_counter() - t0
+                                       "lr_warmup_steps": 100, "log_every": 25,
+                                       "checkpoint_every": args.checkpoint_every or args.steps})
     out = Path(args.output)
+
+    def keep_checkpoint(metrics: dict, directory: Path | None) -> None:
+        if directory is not None and metrics["step"] < args.steps:
+            target = out / f"checkpoint-{metrics['step']}"
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+                shutil.copyfile(directory / name, target / name)
+
+    history = train(task, dataset, tc, device=device, report=keep_checkpoint)
+    elapsed = time.perf_counter() - t0
     task.module.to("cpu")
     task.save_final(out)
     (out / "loss.csv").write_text("step,loss\n" + "".join(f"{h['step']},{h['loss']}\n" for h in history))
@@ -82,7 +112,8 @@ def main(argv=None):
     (out / "controlnet.json").write_text(json.dumps({
         "base_model": args.model, "data": "toy:world train, first-person renders with their captions",
         "training_images": len(dataset), "steps": args.steps, "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate, "seed": args.seed, "device": args.device, "init": args.init,
+        "learning_rate": args.learning_rate, "timesteps": args.timesteps,
+        "proportion_empty_prompts": args.proportion_empty_prompts, "seed": args.seed, "device": args.device, "init": args.init,
         "init_record": json.loads((Path(args.init) / "controlnet.json").read_text()) if args.init else None,
         "wall_s": round(elapsed, 1), "final_loss": sum(h["loss"] for h in history[-20:]) / len(history[-20:]),
         "command": shlex.join(["python", "jobs/train_toy_controlnet.py", *(argv if argv is not None else sys.argv[1:])]),
