@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from calora_ray.data import open_dataset, toy_render_seed  # noqa: E402
-from calora_ray.data.labels import colorize  # noqa: E402
+from calora_ray.data import open_dataset  # noqa: E402
+from calora_ray.generation import control_tensor  # noqa: E402
 from calora_ray.losses import diffusion_target, noisy_latents  # noqa: E402
 from calora_ray.models import encode_images, encode_prompts, load_components  # noqa: E402
-from calora_ray.toyworld.world import sample_attributes  # noqa: E402
+from calora_ray.toyworld.world import first_person_indices  # noqa: E402
 
 TIMESTEPS = (999, 900, 700, 500, 300)
 
@@ -40,15 +40,12 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     c = load_components(args.model)
     c.to(device)
-    pool = 4 * args.images
-    world = open_dataset("toy:world", split="val", num_images=pool, resolution=64)
-    items = [world[i] for i in range(pool)
-             if sample_attributes(toy_render_seed("val", i))["viewpoint"] == "first-person"][:args.images]
+    world = open_dataset("toy:world", split="val", num_images=4 * args.images, resolution=64)
+    items = [world[i] for i in first_person_indices("val", 4 * args.images)[:args.images]]
     with torch.no_grad():
         latents = encode_images(c, np.stack([it["image"] for it in items]), torch.Generator().manual_seed(0))
         cond = torch.cat([encode_prompts(c, [it["caption"]], 64, 64)["encoder_hidden_states"] for it in items])
-        own = torch.from_numpy(np.stack([colorize(it["label"]) for it in items])).permute(0, 3, 1, 2)
-        own = own.to(device, torch.float32) / 255.0
+        own = control_tensor([it["label"] for it in items], device)
         print(f"held-out L_diff, {len(items)} renders: no ControlNet / own mask / another mask")
         print(f"{'ControlNet':<40}" + "".join(f"{'t=' + str(t):>22}" for t in TIMESTEPS))
         for path in args.controlnets:

@@ -144,6 +144,13 @@ def control_image(label: np.ndarray) -> Image.Image:
     return Image.fromarray(colorize(label))
 
 
+def control_tensor(labels: list[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, 3, H, W) float32 in [0, 1]: the control images of `labels` as a ControlNet pipeline feeds
+    them (for training and for calling a ControlNet directly)."""
+    images = torch.from_numpy(np.stack([colorize(np.asarray(label, dtype=np.uint8)) for label in labels]))
+    return images.permute(0, 3, 1, 2).to(device, torch.float32) / 255.0
+
+
 # ----------------------------------------------------------------------------- the generator
 
 
@@ -602,6 +609,7 @@ __all__ = [
     "class_pixels",
     "conditioning_channels",
     "control_image",
+    "control_tensor",
     "load_controlnet",
     "plan_sample",
     "png_bytes",

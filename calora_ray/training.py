@@ -144,8 +144,7 @@ def controlnet_task(components: Components, *, lora: str | None = None, caption:
     """
     from diffusers import ControlNetModel
 
-    from .data.labels import colorize
-    from .generation import conditioning_channels
+    from .generation import conditioning_channels, control_tensor
 
     unet = components.unet
     torch.manual_seed(seed)  # the zero convolutions are zero; the conditioning embedding draws from here
@@ -174,8 +173,7 @@ def controlnet_task(components: Components, *, lora: str | None = None, caption:
             cache[p] = encode_prompts(components, [p], size, size)
         cond = _stack_cond([cache[p] for p in prompts])
         latents = encode_images(components, np.stack([it["image"] for it in items]), generator)
-        control_image = torch.from_numpy(np.stack([colorize(label) for label in labels])).permute(0, 3, 1, 2)
-        control_image = control_image.to(unet.device, torch.float32) / 255.0
+        control_image = control_tensor(labels, unet.device)
 
         def control(noisy, t):
             down, mid = controlnet(noisy.float(), t, encoder_hidden_states=cond["encoder_hidden_states"].float(),

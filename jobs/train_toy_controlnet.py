@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from calora_ray.config import TrainingConfig, build_config  # noqa: E402
-from calora_ray.data import open_dataset, toy_render_seed  # noqa: E402
+from calora_ray.data import open_dataset  # noqa: E402
 from calora_ray.models import load_components  # noqa: E402
 from calora_ray.plots import plot_loss  # noqa: E402
-from calora_ray.toyworld.world import sample_attributes  # noqa: E402
-from calora_ray.training import controlnet_task, train  # noqa: E402
+from calora_ray.toyworld.world import first_person_indices  # noqa: E402
+from calora_ray.training import CONTROLNET_FILES, controlnet_task, train  # noqa: E402
 
 
 def _render(args: tuple[int, int, int]) -> dict:
@@ -46,9 +46,7 @@ def first_person_world(num_images: int, resolution: int) -> list[dict]:
 
     from tqdm.auto import tqdm
 
-    keep = [i for i in range(num_images)
-            if sample_attributes(toy_render_seed("train", i))["viewpoint"] == "first-person"]
-    jobs = [(num_images, resolution, i) for i in keep]
+    jobs = [(num_images, resolution, i) for i in first_person_indices("train", num_images)]
     with multiprocessing.get_context("spawn").Pool(max(1, min(16, os.cpu_count() or 1))) as pool:
         return list(tqdm(pool.imap(_render, jobs, chunksize=64), total=len(jobs), desc="render",
                          file=sys.stderr, mininterval=5))
@@ -99,7 +97,7 @@ def main(argv=None):
         if directory is not None and metrics["step"] < args.steps:
             target = out / f"checkpoint-{metrics['step']}"
             target.mkdir(parents=True, exist_ok=True)
-            for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+            for name in CONTROLNET_FILES:
                 shutil.copyfile(directory / name, target / name)
 
     history = train(task, dataset, tc, device=device, report=keep_checkpoint)

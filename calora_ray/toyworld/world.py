@@ -127,6 +127,14 @@ def render_world_sample(seed: int, size: int | tuple[int, int] = 64) -> dict:
             "condition": a["condition"]}
 
 
+def first_person_indices(split: str, num_images: int) -> list[int]:
+    """Indices among the first `num_images` of toy:world's `split` whose sample is first-person
+    (about half), known from the seeds alone: nothing is rendered."""
+    from calora_ray.data import toy_render_seed  # calora_ray.data imports this module lazily
+
+    return [i for i in range(num_images) if sample_attributes(toy_render_seed(split, i))["viewpoint"] == "first-person"]
+
+
 __all__ = [
     "BASE_PROMPTS",
     "CONDITIONS",
@@ -134,6 +142,7 @@ __all__ = [
     "STYLES",
     "VIEWPOINTS",
     "caption",
+    "first_person_indices",
     "join_class_names",
     "parse_caption",
     "render_world",
