@@ -29,15 +29,15 @@ from calora_ray.generation import MaskGenerator, build_prompt  # noqa: E402
 from calora_ray.metrics import confusion_matrix, mean_iou  # noqa: E402
 from calora_ray.probe import load_probe  # noqa: E402
 from calora_ray.sampling import image_grid  # noqa: E402
+from calora_ray.toyworld.world import first_person_indices  # noqa: E402
 
 
 def held_out_masks(n: int) -> list[tuple[str, np.ndarray, str, np.ndarray]]:
     """(set, mask, prompt, render): n first-person world val renders with their captions, n
     toy:target val masks with the paper's prompt in clear weather."""
     world = open_dataset("toy:world", split="val", num_images=4 * n, resolution=64)
-    items = [world[i] for i in range(4 * n)]
-    rows = [("toy:world", it["label"], it["caption"], it["image"])
-            for it in items if it["viewpoint"] == "first-person"][:n]
+    items = [world[i] for i in first_person_indices("val", 4 * n)[:n]]
+    rows = [("toy:world", it["label"], it["caption"], it["image"]) for it in items]
     target = open_dataset("toy:target", split="val", num_images=n, resolution=64)
     rows += [("toy:target", target[i]["label"], build_prompt(target[i]["label"], "clear"), target[i]["image"])
              for i in range(n)]
@@ -49,15 +49,14 @@ def through_vae(model: str, images: list[np.ndarray]) -> list[np.ndarray]:
     probe's score on these is the ceiling a generator of this model can reach."""
     import torch
 
-    from calora_ray.models import encode_images, load_components
+    from calora_ray.models import decode_latents, encode_images, load_components
 
     c = load_components(model)
     out = []
     with torch.no_grad():
         for start in range(0, len(images), 16):
             latents = encode_images(c, np.stack(images[start:start + 16]), torch.Generator().manual_seed(0))
-            x = c.vae.decode(latents / c.vae.config.scaling_factor).sample
-            out += list(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+            out += list(decode_latents(c, latents))
     return out
 
 
@@ -108,8 +107,9 @@ def main(argv=None):
     seeds = list(range(len(rows)))
     probe = load_probe()
     images = {}
-    for name, controlnet in (("controlnet", args.controlnet), ("prompt only", None)):
-        gen = MaskGenerator(args.model, controlnet=controlnet, device="cpu")
+    generators = {name: MaskGenerator(args.model, controlnet=controlnet, device="cpu")
+                  for name, controlnet in (("controlnet", args.controlnet), ("prompt only", None))}
+    for name, gen in generators.items():
         images[name] = []
         for start in range(0, len(rows), 8):
             images[name] += gen.generate(masks[start:start + 8], prompts[start:start + 8], seeds[start:start + 8],
@@ -140,8 +140,7 @@ def main(argv=None):
     odd = unusual_masks()
     odd_prompts = [build_prompt(m, "clear") for m in odd]
     odd_rows = [[Image.fromarray(colorize(m))] for m in odd]
-    for controlnet in (args.controlnet, None):
-        gen = MaskGenerator(args.model, controlnet=controlnet, device="cpu")
+    for gen in generators.values():  # the ControlNet, then the prompt alone
         for row, img in zip(odd_rows, gen.generate(odd, odd_prompts, list(range(len(odd))), steps=args.steps,
                                                    guidance=args.guidance)):
             row.append(Image.fromarray(img))

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -411,3 +412,11 @@ def encode_images(components: Components, images, generator: torch.Generator | l
     latents = dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
+
+
+def decode_latents(components: Components, latents: torch.Tensor) -> np.ndarray:
+    """The inverse of encode_images: scaled VAE latents (B, C, h, w) -> uint8 images (B, H, W, 3)."""
+    vae = components.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

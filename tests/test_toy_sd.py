@@ -125,3 +125,22 @@ def test_overlong_prompt_is_truncated_with_a_warning(toy, caplog):
     assert "truncated" in caplog.text, caplog.text
     cond = encode_prompts(toy, [long_prompt], 64, 64)
     assert cond["encoder_hidden_states"].shape[1] == toy.tokenizer.model_max_length
+
+
+def test_decode_latents_inverts_encode_images(toy):
+    from calora_ray.data import open_dataset
+    from calora_ray.models import decode_latents, encode_images
+
+    world = open_dataset("toy:world", split="val", num_images=8, resolution=64)
+    images = np.stack([world[i]["image"] for i in range(8)])
+    with torch.no_grad():
+        latents = encode_images(toy, images, torch.Generator().manual_seed(0))
+        recon = decode_latents(toy, latents)
+        shuffled = decode_latents(toy, latents.roll(1, 0))
+    assert recon.shape == images.shape and recon.dtype == np.uint8
+
+    def psnr(a, b):
+        return 10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2))
+
+    assert psnr(recon, images) > 17.0  # the card reports 21 dB on held-out renders
+    assert psnr(shuffled, images) < psnr(recon, images) - 5  # a latent decodes to its own image
