@@ -477,7 +477,7 @@ def write_finetune_outputs(cfg: FinetuneConfig, weights: Path, state: dict, modu
 # ----------------------------------------------------------------------------- the ControlNet job
 
 CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
-# (+ the LoRA's sha256)
+# run_train_controlnet adds the LoRA's sha256 to these.
 CONTROLNET_IDENTITY = tuple(k for k in RUN_IDENTITY if k not in ("rank", "alpha")) + (
     "timesteps", "proportion_empty_prompts")
 
