@@ -1,7 +1,9 @@
-"""What every jobs/*.py shares: bad input becomes one clear line on stderr and exit code 2.
+"""What every jobs/*.py shares: a UserError becomes one clear line on stderr and exit code 2.
 
 A traceback is for bugs; a missing directory or an unknown concept is the user's input and gets
-its message only. Set CALORA_DEBUG=1 to see the traceback anyway.
+its message only (calora_ray.errors.UserError and its subclasses). Anything else — a library bug,
+a plain ValueError from deep inside torch — keeps its traceback. Set CALORA_DEBUG=1 to see the
+traceback of a UserError too.
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ import os
 import sys
 import warnings
 
-from .distributed import ClusterResourceError
-from .models import ModelLoadError
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
-               ModelLoadError, ClusterResourceError)
+from .errors import UserError
 
 
-def user_error(e: BaseException) -> BaseException | None:
-    """The user-input error behind `e`: itself, its cause, or what a Ray Train worker raised."""
+def user_error(e: BaseException) -> UserError | None:
+    """The UserError behind `e`: itself, its cause, or what a Ray Train worker raised."""
     seen = set()
     stack = [e]
     while stack:
@@ -27,7 +28,7 @@ def user_error(e: BaseException) -> BaseException | None:
         if err is None or id(err) in seen:
             continue
         seen.add(id(err))
-        if isinstance(err, USER_ERRORS):
+        if isinstance(err, UserError):
             return err
         stack.extend(getattr(err, "worker_failures", {}).values())  # ray.train WorkerGroupError
         stack.extend([err.__cause__, getattr(err, "controller_failure", None)])
@@ -41,14 +42,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     for name in ("diffusers", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dl
-        from transformers.utils import logging as tl
-
-        dl.set_verbosity_error()
-        tl.set_verbosity_error()
-    except ImportError:
-        pass
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
 
 
 def run_job(fn, cfg, **kwargs):

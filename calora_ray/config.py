@@ -1,11 +1,12 @@
 """One typed config per job, filled from defaults < YAML file < command-line flags.
 
-Every leaf field becomes a flag of the same name (``top_k_percent`` -> ``--top-k-percent``) and a
-YAML key of the same name. Small shared dataclasses (``ModelConfig``, ``DataConfig``) are nested
-inside the job configs, but their fields are flat on the command line and in YAML, so a user never
-needs to know the nesting. A YAML file may hold keys for several jobs: top-level keys apply to
-every job that has them, and a section named after a job (``score:``, ``finetune:``) applies to
-that job only.
+Every field becomes a flag of the same name (``top_k_percent`` -> ``--top-k-percent``) and a
+YAML key of the same name. A job config is one flat dataclass: the options several jobs share are
+small dataclasses (``ModelConfig``, ``DataConfig``, ``DistributedConfig``, ``TrainingConfig``)
+that a job config inherits, so ``cfg.model`` is the model and ``cfg.steps`` the steps, and a
+function that needs only the model options takes any config that has them. A YAML file may hold
+keys for several jobs: top-level keys apply to every job that has them, and a section named after
+a job (``score:``, ``finetune:``) applies to that job only.
 
     cfg = parse_config(ScoreConfig, sys.argv[1:], job="score")
 """
@@ -22,17 +23,25 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 from .selection import SELECTION_MODES
 
-JOB_SECTIONS = ("score", "finetune", "sample", "pretrain_toy", "measure", "train_controlnet", "generate", "serve")
-
-
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config value; the message names the flag or YAML key."""
 
 
 def _help(text: str, **extra) -> dict:
+    """Field metadata: the flag's help text; cli=False: YAML only; hidden=True: a test hook, not
+    in --help; internal=True: set by the code, neither a flag nor a YAML key."""
     return {"help": text, **extra}
+
+
+def _check_next(self, cls) -> None:
+    """Run the checks of the shared configs after `cls` in the job config's bases (each shared
+    config's __post_init__ ends with this, so every one of them validates its own fields)."""
+    nxt = getattr(super(cls, self), "__post_init__", None)
+    if nxt is not None:
+        nxt()
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -55,6 +64,7 @@ class ModelConfig:
 
     def __post_init__(self):
         check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        _check_next(self, ModelConfig)
 
 
 @dataclass
@@ -87,14 +97,18 @@ class DistributedConfig:
             raise ConfigError(f"--max-failures must be >= 0, got {self.max_failures}")
         if self.resource_wait_s < 0:
             raise ConfigError(f"--resource-wait-s must be >= 0, got {self.resource_wait_s}")
+        _check_next(self, DistributedConfig)
+
+
+DATA_HELP = _help(
+    "Image-label source: 'toy' (= 'toy:target', the procedural Cityscapes stand-in), "
+    "'toy:source' (the other toy domain), or a directory in the Cityscapes layout "
+    "(leftImg8bit/<split>/<city>/*_leftImg8bit.png, gtFine/<split>/<city>/*_gtFine_labelIds.png).")
 
 
 @dataclass
 class DataConfig:
-    data: str = field(default="toy", metadata=_help(
-        "Image-label source: 'toy' (= 'toy:target', the procedural Cityscapes stand-in), "
-        "'toy:source' (the other toy domain), or a directory in the Cityscapes layout "
-        "(leftImg8bit/<split>/<city>/*_leftImg8bit.png, gtFine/<split>/<city>/*_gtFine_labelIds.png)."))
+    data: str = field(default="toy", metadata=DATA_HELP)
     split: str = field(default="train", metadata=_help("Split to read ('train', 'val', ...)."))
     num_images: int | None = field(default=None, metadata=_help(
         "Use only the first N images of the split (the few-shot setting); default: the source's "
@@ -108,17 +122,15 @@ class DataConfig:
             raise ConfigError(f"--num-images must be >= 1, got {self.num_images}")
         if self.resolution < 8:
             raise ConfigError(f"--resolution must be >= 8, got {self.resolution}")
+        _check_next(self, DataConfig)
 
 
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(ModelConfig, DataConfig, DistributedConfig):
     """jobs/score.py: concept sensitivity of every attention projection, and the top-k% selection."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     concept: str = field(default="style", metadata=_help(
         "Concept whose sensitivity is scored: 'style', 'viewpoint', or a concept defined under "
         "'concepts:' in the YAML config (or by --base-prompt/--augmented-prompts)."))
@@ -169,6 +181,7 @@ class ScoreConfig:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.timestep < 0:
             raise ConfigError(f"--timestep must be >= 0, got {self.timestep}")
+        _check_next(self, ScoreConfig)
 
 
 @dataclass
@@ -206,7 +219,7 @@ class TrainingConfig:
     validation_steps: int = field(default=20, metadata=_help("Sampling steps of the validation images."))
     simulate_failure_at_step: int | None = field(default=None, metadata=_help(
         "Testing: the last worker raises at this step on the first attempt (no checkpoint yet "
-        "restored), to exercise FailureConfig restarts."))
+        "restored), to exercise FailureConfig restarts.", hidden=True))
 
     def __post_init__(self):
         check_choice("report_to", self.report_to, ("none", "tensorboard"))
@@ -220,16 +233,14 @@ class TrainingConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        _check_next(self, TrainingConfig)
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfig):
     """jobs/finetune.py: LoRA on the selected projections, trained with the diffusion loss."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(data="toy:target"))
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: str = field(default="toy:target", metadata=DATA_HELP)
     selection: str = field(default="all", metadata=_help(
         "Which projections get LoRA: a sensitivity.json written by jobs/score.py (its 'selected' "
         "list), or 'all' (every candidate projection = plain LoRA)."))
@@ -255,13 +266,13 @@ class FinetuneConfig:
     @property
     def lora_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
+        _check_next(self, FinetuneConfig)
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(ModelConfig):
     """jobs/sample.py: text-to-image samples of a model (and a LoRA), with a labelled grid."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
     lora: str | None = field(default=None, metadata=_help(
         "A directory with pytorch_lora_weights.safetensors (jobs/finetune.py output) to load "
         "with the stock pipeline's load_lora_weights."))
@@ -288,6 +299,7 @@ class SampleConfig:
             raise ConfigError("--prompt needs at least one non-empty prompt")
         if self.resolution is not None and self.resolution < 8:
             raise ConfigError(f"--resolution must be >= 8, got {self.resolution}")
+        _check_next(self, SampleConfig)
 
 
 @dataclass
@@ -352,7 +364,7 @@ class PretrainConfig:
     guidance: float = field(default=4.0, metadata=_help("Classifier-free guidance scale of the sample grid."))
     simulate_interrupt_at_step: int | None = field(default=None, metadata=_help(
         "Testing: after this UNet step, stop as Ctrl-C would (a run that resumed from a checkpoint "
-        "ignores it)."))
+        "ignores it).", hidden=True))
     device: str = field(default="cpu", metadata=_help(
         "Where to train: cpu (the committed model's recipe, ~90 min on 2 cores), cuda, or auto "
         "(cuda when present). fp32 either way; a GPU run draws the same batches but is not bit-identical."))
@@ -391,6 +403,7 @@ class PretrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         check_choice("device", self.device, ("cpu", "cuda", "auto"))
+        _check_next(self, PretrainConfig)
 
 
 
@@ -435,17 +448,15 @@ class MeasureConfig:
         for name in ("reference", "train_data"):
             if isinstance(getattr(self, name), str) and getattr(self, name).lower() in ("", "none", "null"):
                 setattr(self, name, None)
+        _check_next(self, MeasureConfig)
 
 
 @dataclass
-class ControlNetConfig:
+class ControlNetConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfig):
     """jobs/train_controlnet.py: a segmentation ControlNet (conditioning: the colour-coded label map)
     trained on target (image, label) pairs on top of the base UNet with the CA-LoRA adapter applied."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(data="toy:target"))
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: str = field(default="toy:target", metadata=DATA_HELP)
     lora: str | None = field(default=None, metadata=_help(
         "A jobs/finetune.py output (pytorch_lora_weights.safetensors): applied to the UNet, frozen, "
         "while the ControlNet trains; the same adapter is then used for generation."))
@@ -473,13 +484,13 @@ class ControlNetConfig:
         check_choice("timesteps", self.timesteps, ("uniform", "cubic"))
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ConfigError(f"--proportion-empty-prompts: {self.proportion_empty_prompts} is not in [0, 1]")
+        _check_next(self, ControlNetConfig)
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(ModelConfig):
     """jobs/generate.py: label maps -> a synthetic segmentation dataset in Parquet shards (Ray Data)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
     lora: str | None = field(default=None, metadata=_help(
         "A jobs/finetune.py output (pytorch_lora_weights.safetensors), applied to the UNet."))
     controlnet: str | None = field(default=None, metadata=_help(
@@ -539,7 +550,7 @@ class GenerateConfig:
         "preview.png. Running the same command again resumes: completed shards are kept."))
     overwrite: bool = field(default=False, metadata=_help("Delete the output first and start over."))
     simulate_failure_at_shard: int | None = field(default=None, metadata=_help(
-        "Testing: the actor asked for this shard raises (to exercise resume)."))
+        "Testing: the actor asked for this shard raises (to exercise resume).", hidden=True))
 
     def __post_init__(self):
         check_choice("use_gpu", self.use_gpu, ("auto", "true", "false"))
@@ -569,13 +580,44 @@ class GenerateConfig:
             except (KeyError, IndexError, ValueError) as e:
                 raise ConfigError(f"--prompt-template: may use only {{classes}}, {{condition}} and "
                                   f"{{condition_name}} ({type(e).__name__}: {e})") from None
+        _check_next(self, GenerateConfig)
 
 
 @dataclass
-class ServeConfig:
+class Limits:
+    """What one request to the Serve endpoint may ask for: jobs/serve.py's flags, the bounds of the
+    OpenAPI schema, and /v1/info's "limits" (one representation, used by all three)."""
+
+    max_body_bytes: int = field(default=8 * 2**20, metadata=_help("Largest request body (413 above)."))
+    max_side: int = field(default=1024, metadata=_help("Largest mask width or height in pixels."))
+    max_num_images: int = field(default=4, metadata=_help("Largest num_images of one request."))
+    max_steps: int = field(default=50, metadata=_help("Largest num_inference_steps of one request."))
+    default_steps: int = field(default=25, metadata=_help("num_inference_steps when a request gives none."))
+    default_guidance: float = field(default=4.0, metadata=_help("guidance_scale when a request gives none."))
+    max_guidance: float = field(default=50.0, metadata=_help("Largest guidance_scale of one request."))
+    max_conditioning_scale: float = field(default=10.0, metadata=_help(
+        "Largest conditioning_scale of one request."))
+    max_prompt_chars: int = field(default=2000, metadata=_help("Longest prompt of one request, in characters."))
+    side_multiple: int = field(default=32, metadata=_help(
+        "Each side of a mask must be a multiple of this: set by the replica from the model "
+        "(VAE factor x 8 with a ControlNet).", internal=True))
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_side", "max_num_images", "max_steps", "max_prompt_chars", "default_steps",
+                     "side_multiple"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.default_guidance < 0 or self.max_guidance < 0 or self.max_conditioning_scale < 0:
+            raise ConfigError("--default-guidance, --max-guidance and --max-conditioning-scale must be >= 0")
+        if self.default_steps > self.max_steps:
+            raise ConfigError(f"--default-steps {self.default_steps} exceeds --max-steps {self.max_steps}")
+        _check_next(self, Limits)
+
+
+@dataclass
+class ServeConfig(ModelConfig, Limits):
     """jobs/serve.py: the generator behind an HTTP endpoint (Ray Serve, FastAPI; OpenAPI at /docs)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
     lora: str | None = field(default=None, metadata=_help(
         "A jobs/finetune.py output (pytorch_lora_weights.safetensors), applied to the UNet."))
     controlnet: str | None = field(default=None, metadata=_help(
@@ -607,51 +649,34 @@ class ServeConfig:
         "Requests a replica accepts at once (>= --max-batch-size, or batches never fill)."))
     max_queued_requests: int = field(default=64, metadata=_help(
         "Requests waiting for a replica before new ones get 503 (bounds memory under load)."))
-    max_body_bytes: int = field(default=8 * 2**20, metadata=_help("Largest request body (413 above)."))
-    max_side: int = field(default=1024, metadata=_help("Largest mask width or height in pixels."))
-    max_num_images: int = field(default=4, metadata=_help("Largest num_images of one request."))
-    max_steps: int = field(default=50, metadata=_help("Largest num_inference_steps of one request."))
-    default_steps: int = field(default=25, metadata=_help("num_inference_steps when a request gives none."))
-    default_guidance: float = field(default=4.0, metadata=_help("guidance_scale when a request gives none."))
 
     def __post_init__(self):
         for name in ("port", "num_replicas", "max_batch_size", "max_images_per_call", "max_ongoing_requests",
-                     "max_queued_requests", "max_body_bytes", "max_side", "max_num_images", "max_steps",
-                     "default_steps"):
+                     "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_replicas is not None and self.max_replicas < self.num_replicas:
             raise ConfigError(f"--max-replicas {self.max_replicas} is below --num-replicas {self.num_replicas}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
-        if (self.num_gpus or 0) < 0 or self.num_cpus < 0 or self.batch_wait_timeout_s < 0 or self.default_guidance < 0:
-            raise ConfigError("--num-gpus, --num-cpus, --batch-wait-timeout-s and --default-guidance must be >= 0")
+        if (self.num_gpus or 0) < 0 or self.num_cpus < 0 or self.batch_wait_timeout_s < 0:
+            raise ConfigError("--num-gpus, --num-cpus and --batch-wait-timeout-s must be >= 0")
         if self.target_ongoing_requests <= 0:
             raise ConfigError(f"--target-ongoing-requests must be > 0, got {self.target_ongoing_requests}")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ConfigError(f"--max-ongoing-requests {self.max_ongoing_requests} must be >= --max-batch-size "
                               f"{self.max_batch_size}: a replica never holds more requests than that at once")
-        if self.default_steps > self.max_steps:
-            raise ConfigError(f"--default-steps {self.default_steps} exceeds --max-steps {self.max_steps}")
+        _check_next(self, ServeConfig)
 
 
 # ----------------------------------------------------------------------------- parsing
 
 
-def _leaf_fields(cls) -> dict[str, tuple[tuple[str, ...], dataclasses.Field, Any]]:
-    """Flat map leaf name -> (path of nested field names, field, resolved type)."""
-    out = {}
+def option_fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """name -> (field, resolved type) of every option of a config (its own and its shared configs'),
+    without the internal fields the code sets."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        ftype = hints[f.name]
-        if dataclasses.is_dataclass(ftype):
-            for name, (path, leaf, ltype) in _leaf_fields(ftype).items():
-                out[name] = ((f.name,) + path, leaf, ltype)
-        else:
-            if f.name in out:
-                raise TypeError(f"duplicate config field {f.name} in {cls.__name__}")
-            out[f.name] = ((), f, ftype)
-    return out
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
 
 
 def _base_type(tp):
@@ -695,8 +720,28 @@ def _coerce(name: str, value, tp, where: str):
     return value
 
 
+def from_text(cls, key: str, value, where: str = "argument"):
+    """One option's value given as text (`serve run key=value`), or already typed (YAML `args:`):
+    numbers, booleans and 'none' converted by the field's type; an unknown key is an error."""
+    fields = option_fields(cls)
+    name = key.replace("-", "_")
+    if name not in fields:
+        raise ConfigError(f"unknown key '{key}' for {cls.__name__}; known keys: {', '.join(sorted(fields))}")
+    if not isinstance(value, str):
+        return _coerce(name, value, fields[name][1], where)
+    scalar, is_list = _base_type(fields[name][1])
+    if value.lower() in ("none", "null"):
+        return None
+    try:
+        if scalar is bool:
+            return {"true": True, "false": False}[value.lower()]
+        return [scalar(v) for v in value.split(",")] if is_list else scalar(value)
+    except (KeyError, ValueError):
+        raise ConfigError(f"'{key}' must be of type {scalar.__name__}, got {value!r}") from None
+
+
 def load_yaml(path: str | Path, cls, job: str) -> dict[str, Any]:
-    """Leaf values from a YAML file: its top-level keys this job has, then its job section."""
+    """Option values from a YAML file: its top-level keys this job has, then its job section."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
@@ -706,24 +751,24 @@ def load_yaml(path: str | Path, cls, job: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"--config {path}: the top level must be a mapping of option names to values")
-    leaves = _leaf_fields(cls)
-    known_anywhere = set().union(*(_leaf_fields(c) for c in JOB_CONFIGS.values()))
+    fields = option_fields(cls)
+    known_anywhere = set().union(*(option_fields(c) for c in JOB_CONFIGS.values()))
     values: dict[str, Any] = {}
     sections = [(doc, f"{path}")]
     if isinstance(doc.get(job), dict):
         sections.append((doc[job], f"{path} [{job}]"))
     for section, where in sections:
         for key, value in section.items():
-            if key in JOB_SECTIONS:
+            if key in JOB_CONFIGS:
                 continue
             name = str(key).replace("-", "_")
-            if name not in leaves:
+            if name not in fields:
                 # Top-level keys of other jobs are fine; a key no job knows is a typo.
                 if section is doc and name in known_anywhere:
                     continue
                 raise ConfigError(f"{where}: unknown key '{key}' for job '{job}'; "
-                                  f"known keys: {', '.join(sorted(leaves))}")
-            values[name] = _coerce(name, value, leaves[name][2], where)
+                                  f"known keys: {', '.join(sorted(fields))}")
+            values[name] = _coerce(name, value, fields[name][1], where)
     return values
 
 
@@ -734,16 +779,14 @@ def build_parser(cls, job: str, description: str | None = None) -> argparse.Argu
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="YAML file with option values "
                         "(flags given on the command line win over it).")
-    defaults = dataclasses.asdict(cls())
-    for name, (path, f, tp) in _leaf_fields(cls).items():
+    defaults = cls()
+    for name, (f, tp) in option_fields(cls).items():
         if not f.metadata.get("cli", True):
             continue
-        default = defaults
-        for p in path:
-            default = default[p]
-        default = default[name]
+        default = getattr(defaults, name)
         scalar, is_list = _base_type(tp)
-        kwargs = dict(dest=name, default=argparse.SUPPRESS, help=f.metadata.get("help", "") + f" (default: {default})")
+        text = argparse.SUPPRESS if f.metadata.get("hidden") else f.metadata.get("help", "") + f" (default: {default})"
+        kwargs = dict(dest=name, default=argparse.SUPPRESS, help=text)
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         flag = "--" + name.replace("_", "-")
@@ -766,23 +809,12 @@ def _none_or(scalar):
     return convert
 
 
-def _fill(instance, values: dict[str, Any]):
-    changes = {}
-    for f in dataclasses.fields(instance):
-        current = getattr(instance, f.name)
-        if dataclasses.is_dataclass(current):
-            changes[f.name] = _fill(current, values)
-        elif f.name in values:
-            changes[f.name] = values[f.name]
-    return dataclasses.replace(instance, **changes)
-
-
 def build_config(cls, values: dict[str, Any]):
-    """The job's config from flat leaf values over its defaults; __post_init__ validates.
-
-    Nested configs start from the job's own default (finetune's data is 'toy:target').
-    """
-    return _fill(cls(), values)
+    """The job's config from option values over its defaults; __post_init__ validates."""
+    unknown = sorted(set(values) - set(option_fields(cls)))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+    return cls(**values)
 
 
 def parse_config(cls, argv: list[str] | None, job: str, description: str | None = None):
@@ -802,15 +834,8 @@ def parse_config(cls, argv: list[str] | None, job: str, description: str | None 
 
 
 def to_dict(cfg) -> dict[str, Any]:
-    """Flat leaf -> value dict (what a YAML file or report records)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            out.update(to_dict(v))
-        else:
-            out[f.name] = v
-    return out
+    """option -> value (what a report or a run record stores)."""
+    return dataclasses.asdict(cfg)
 
 
 JOB_CONFIGS = {"score": ScoreConfig, "finetune": FinetuneConfig, "sample": SampleConfig,

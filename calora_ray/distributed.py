@@ -17,9 +17,10 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from .errors import UserError
 
 
-class ClusterResourceError(RuntimeError):
+class ClusterResourceError(UserError, RuntimeError):
     """The cluster cannot host the requested workers (checked before training, with a bounded wait)."""
 
 

@@ -308,9 +308,9 @@ class ShardGenerator:
             torch.set_num_threads(max(1, int(threads)))
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg, self.masks, self.resolution = cfg, list(masks), resolution
-        self.generator = MaskGenerator(cfg.model.model, lora=cfg.lora, controlnet=cfg.controlnet, device=device,
-                                       dtype=resolve_dtype(cfg.model.mixed_precision, device),
-                                       model_seed=cfg.model.model_seed)
+        self.generator = MaskGenerator(cfg.model, lora=cfg.lora, controlnet=cfg.controlnet, device=device,
+                                       dtype=resolve_dtype(cfg.mixed_precision, device),
+                                       model_seed=cfg.model_seed)
         self.reader = MaskReader()
         self.store = ShardStore(cfg.output)
         self.weights = cfg.condition_weights or [1.0] * len(cfg.conditions)
@@ -359,7 +359,7 @@ class ShardGenerator:
                 rows["width"].append(label.shape[1])
                 rows["height"].append(label.shape[0])
                 rows["class_pixels"].append(class_pixels(label))
-                rows["model"].append(cfg.model.model)
+                rows["model"].append(cfg.model)
                 rows["lora_sha256"].append(self.generator.lora_sha256)
                 rows["mask"].append(self.masks[p.mask])
         return rows
@@ -422,7 +422,7 @@ def check_generate_inputs(cfg) -> dict:
 
     cn_config = json.loads((cn_dir / "config.json").read_text())
     factor = 2 ** (len(cn_config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1)
-    resolution = cfg.resolution or load_unet_skeleton(cfg.model.model, cfg.model.model_seed).config.sample_size * factor
+    resolution = cfg.resolution or load_unet_skeleton(cfg.model, cfg.model_seed).config.sample_size * factor
     if resolution % (factor * 8):
         raise ValueError(f"--resolution {resolution} must be a multiple of {factor * 8} (VAE factor {factor} x 8)")
     return {"resolution": resolution, "lora_sha256": lora_sha, "controlnet_sha256": _file_hash(str(cn_dir / weights[0]))}
@@ -589,7 +589,7 @@ def run_generate(cfg, progress: bool = True) -> dict:
         buf = io.BytesIO()
         grid.save(buf, format="PNG")
         store.put("preview.png", buf.getvalue())
-    if cfg.measure_samples and is_toy_model(cfg.model.model):
+    if cfg.measure_samples and is_toy_model(cfg.model):
         measures = probe_measures(store.uri, cfg.measure_samples)
         from .shards import update_card_measures
 

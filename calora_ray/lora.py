@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from .errors import UserError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError, ValueError):
     """A selection that does not fit the model; the message names the file and the modules."""
 
 

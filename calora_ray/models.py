@@ -29,9 +29,10 @@ TOKENIZER_WORDS = (
     "road sidewalk building wall fence pole traffic light sign vegetation terrain sky rider car "
     "truck bus train motorcycle bicycle"
 ).split()
+from .errors import UserError
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The --model could not be loaded; the message says what to pass instead."""
 
 

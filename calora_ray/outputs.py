@@ -13,9 +13,10 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from .errors import UserError
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(UserError, FileExistsError):
     pass
 
 

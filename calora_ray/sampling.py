@@ -59,7 +59,7 @@ def run_sampling(cfg: SampleConfig) -> Path:
         lora_file = Path(cfg.lora) / LORA_WEIGHT_NAME
         if not lora_file.is_file():
             raise FileNotFoundError(f"--lora {cfg.lora}: no {LORA_WEIGHT_NAME} there (pass a jobs/finetune.py output)")
-    components = load_components(cfg.model.model, cfg.model.model_seed)
+    components = load_components(cfg.model, cfg.model_seed)
     if torch.cuda.is_available():
         components.to(torch.device("cuda"))
     resolution = cfg.resolution or components.unet.config.sample_size * components.vae_scale_factor
@@ -73,10 +73,10 @@ def run_sampling(cfg: SampleConfig) -> Path:
                 name = f"p{p:02d}_s{cfg.seed + i}.png"
                 img.save(staging / name)
                 files.append({"file": name, "prompt": cfg.prompt[p], "seed": cfg.seed + i})
-        title = f"{cfg.model.model}" + (f" + LoRA {cfg.lora}" if cfg.lora else "")
+        title = f"{cfg.model}" + (f" + LoRA {cfg.lora}" if cfg.lora else "")
         image_grid(rows, [f"{prompt}   [{title}]" for prompt in cfg.prompt]).save(staging / "grid.png")
         write_json(staging / "samples.json", {
-            "model": cfg.model.model, "lora": cfg.lora,
+            "model": cfg.model, "lora": cfg.lora,
             "lora_sha256": file_sha256(lora_file) if lora_file else None,
             "resolution": resolution, "images": files, "config": to_dict(cfg)})
     return Path(cfg.output)

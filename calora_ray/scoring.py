@@ -120,9 +120,9 @@ def build_report(cfg: ScoreConfig, components: Components, concept: Concept, can
         "x0": cfg.x0,
         "x0_steps": cfg.x0_steps if cfg.x0 == "generated" else None,
         "x0_guidance": cfg.x0_guidance if cfg.x0 == "generated" else None,
-        "data": cfg.data.data if cfg.x0 == "target" else None,
+        "data": cfg.data if cfg.x0 == "target" else None,
         "self_attention_only": cfg.self_attention_only,
-        "resolution": cfg.data.resolution,
+        "resolution": cfg.resolution,
         "seed": cfg.seed,
         "ratio_eps": sums.eps,
         "num_workers": num_workers,
@@ -147,11 +147,11 @@ def prepare_scoring(cfg: ScoreConfig, device: torch.device):
     if cfg.x0 == "target":
         from .data import open_dataset
 
-        dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
-                               resolution=cfg.data.resolution, seed=cfg.seed)
-    components = load_components(cfg.model.model, cfg.model.model_seed)
-    components.to(device, resolve_dtype(cfg.model.mixed_precision, device))
-    _check_resolution(components, cfg.data.resolution)
+        dataset = open_dataset(cfg.data, split=cfg.split, num_images=cfg.num_images,
+                               resolution=cfg.resolution, seed=cfg.seed)
+    components = load_components(cfg.model, cfg.model_seed)
+    components.to(device, resolve_dtype(cfg.mixed_precision, device))
+    _check_resolution(components, cfg.resolution)
     return components, find_candidates(components.unet, cfg.self_attention_only), concept, dataset
 
 
@@ -166,7 +166,7 @@ def score_worker(config: dict) -> None:
     components, candidates, concept, dataset = prepare_scoring(cfg, device)
     started = time.perf_counter()
     sums = score_samples(components, candidates, concept, shard_indices(cfg.num_samples, cfg.batch_size, rank, world),
-                         timestep=cfg.timestep, seed=cfg.seed, x0=cfg.x0, resolution=cfg.data.resolution,
+                         timestep=cfg.timestep, seed=cfg.seed, x0=cfg.x0, resolution=cfg.resolution,
                          x0_steps=cfg.x0_steps, x0_guidance=cfg.x0_guidance, batch_size=cfg.batch_size,
                          dataset=dataset, progress=rank == 0)
     sums = sums.all_reduce(device)
@@ -191,19 +191,18 @@ def run_scoring(cfg: ScoreConfig) -> Path:
 
     resolve_concept(cfg.concept, cfg.concepts, cfg.base_prompt, cfg.augmented_prompts)
     check_output_dir(cfg.output, cfg.overwrite)
-    find_candidates(load_unet_skeleton(cfg.model.model, cfg.model.model_seed), cfg.self_attention_only)
+    find_candidates(load_unet_skeleton(cfg.model, cfg.model_seed), cfg.self_attention_only)
     if cfg.x0 == "target":
         from .data import open_dataset
 
-        open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
-                     resolution=cfg.data.resolution, seed=cfg.seed)[0]
-    dist_cfg = cfg.distributed
+        open_dataset(cfg.data, split=cfg.split, num_images=cfg.num_images,
+                     resolution=cfg.resolution, seed=cfg.seed)[0]
     with tempfile.TemporaryDirectory(prefix="calora-score-") as scratch:
-        storage = check_storage_path(dist_cfg.storage_path or scratch)
+        storage = check_storage_path(cfg.storage_path or scratch)
         result = run_trainer(score_worker, {"cfg": cfg}, name=f"score-{uuid.uuid4().hex[:8]}", storage_path=storage,
-                             num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
-                             cpus_per_worker=dist_cfg.cpus_per_worker, max_failures=dist_cfg.max_failures,
-                             resource_wait_s=dist_cfg.resource_wait_s, num_to_keep=None)
+                             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                             cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
+                             resource_wait_s=cfg.resource_wait_s, num_to_keep=None)
         if result.error is not None:
             raise result.error
         with result.checkpoint.as_directory() as d:
@@ -218,7 +217,7 @@ def write_score_outputs(cfg: ScoreConfig, report: dict) -> None:
         write_json(staging / "sensitivity.json", report)
         plot_scores(report["scores"], report["selected"], staging / "sensitivity.png",
                     title=f"{'' if report['normalized'] else 'unnormalised '}sensitivity to '{report['concept']}' "
-                          f"({cfg.model.model}, t={cfg.timestep}, {report['num_samples']} samples x "
+                          f"({cfg.model}, t={cfg.timestep}, {report['num_samples']} samples x "
                           f"{len(report['augmented_prompts'])} prompts); mode {cfg.selection_mode}, "
                           f"top {cfg.top_k_percent:g}% by {cfg.k_by}",
                     ylabel="rms(dL_concept)/rms(dL_diff)" if report["normalized"] else "rms(dL_concept)")

@@ -37,8 +37,8 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -46,6 +46,8 @@ from PIL import Image
 
 from .data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE, LabelError, validate_label
 from .toyworld.world import CONDITIONS
+from .config import Limits, ServeConfig, build_config, from_text, load_yaml
+from .errors import UserError
 
 logger = logging.getLogger("ray.serve")  # Serve routes this logger to the replica's log file
 
@@ -57,23 +59,7 @@ APP_NAME = "calora"
 # ----------------------------------------------------------------------------- request checks (no Ray)
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; /v1/info reports these, the OpenAPI schema states them."""
-
-    max_body_bytes: int = 8 * 2**20
-    max_side: int = 1024
-    max_num_images: int = 4
-    max_steps: int = 50
-    max_guidance: float = 50.0
-    max_conditioning_scale: float = 10.0
-    max_prompt_chars: int = 2000
-    default_steps: int = 25
-    default_guidance: float = 4.0
-    side_multiple: int = 32  # the generator's size constraint (VAE factor x 8 with a ControlNet)
-
-
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     """Bad input: `field` names the JSON field (or 'body'), `status` is the HTTP status to answer."""
 
     def __init__(self, field: str, message: str, status: int = 422):
@@ -98,7 +84,6 @@ class SampleRequest:
         return (self.steps, self.guidance, self.conditioning_scale, self.label.shape)
 
 
-@lru_cache(maxsize=16)
 def request_model(limits: Limits):
     """The pydantic model of POST /v1/generate's body, its bounds taken from `limits` (so the OpenAPI
     schema at /openapi.json states exactly what the server accepts)."""
@@ -422,18 +407,9 @@ def class_table() -> dict:
 from ray import serve  # noqa: E402  (below the plain functions, which need no Ray)
 
 
-def _settings(cfg) -> dict:
-    """What a replica needs from a ServeConfig, as plain data (it travels to the replicas)."""
-    from .config import to_dict
-
-    return {k: v for k, v in to_dict(cfg).items() if k not in ("host", "port")}
-
-
-def limits_of(settings: dict, side_multiple: int = 32) -> Limits:
-    return Limits(max_body_bytes=settings["max_body_bytes"], max_side=settings["max_side"],
-                  max_num_images=settings["max_num_images"], max_steps=settings["max_steps"],
-                  default_steps=settings["default_steps"], default_guidance=settings["default_guidance"],
-                  side_multiple=side_multiple)
+def limits_dict(limits: Limits) -> dict:
+    """The request bounds of a config (a ServeConfig is a Limits), as /v1/info reports them."""
+    return {f.name: getattr(limits, f.name) for f in dataclasses.fields(Limits)}
 
 
 @serve.deployment(name="SegmentationSampler", health_check_period_s=30)
@@ -441,7 +417,7 @@ def limits_of(settings: dict, side_multiple: int = 32) -> Limits:
 class SegmentationSampler:
     """One replica: the MaskGenerator, loaded once; concurrent requests generated in batches."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, cfg: ServeConfig):
         import torch
 
         from .generation import MaskGenerator
@@ -452,36 +428,35 @@ class SegmentationSampler:
 
         gpu = torch.cuda.is_available()
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)  # what Serve gave this replica
-        self.threads = settings.get("threads") or (1 if gpu else max(1, int(np.ceil(cpus))))
+        self.threads = cfg.threads or (1 if gpu else max(1, int(np.ceil(cpus))))
         torch.set_num_threads(self.threads)
         device = torch.device("cuda" if gpu else "cpu")
-        self.generator = MaskGenerator(settings["model"], lora=settings["lora"], controlnet=settings["controlnet"],
-                                       device=device, dtype=resolve_dtype(settings["mixed_precision"], device),
-                                       model_seed=settings["model_seed"])
+        self.generator = MaskGenerator(cfg.model, lora=cfg.lora, controlnet=cfg.controlnet,
+                                       device=device, dtype=resolve_dtype(cfg.mixed_precision, device),
+                                       model_seed=cfg.model_seed)
         factor = self.generator.components.vae_scale_factor * 8
-        max_side = settings["max_side"] // factor * factor
+        max_side = cfg.max_side // factor * factor
         if max_side < factor:
-            raise ValueError(f"--max-side {settings['max_side']} is below the smallest size the model takes ({factor})")
-        self.limits = limits_of({**settings, "max_side": max_side}, factor)
-        self.settings = settings
-        self.max_images_per_call = settings["max_images_per_call"]
+            raise ValueError(f"--max-side {cfg.max_side} is below the smallest size the model takes ({factor})")
+        self.cfg = cfg
+        self.limits = dataclasses.replace(cfg, max_side=max_side, side_multiple=factor)
+        self.max_images_per_call = cfg.max_images_per_call
         self.stats = BatchStats()
-        cn = settings["controlnet"]
+        cn = cfg.controlnet
         cn_weights = os.path.join(cn.removeprefix("file://"), "diffusion_pytorch_model.safetensors")
         self.static_info = {
-            "model": settings["model"], "model_seed": settings["model_seed"],
-            "lora": settings["lora"], "lora_sha256": self.generator.lora_sha256,
+            "model": cfg.model, "model_seed": cfg.model_seed,
+            "lora": cfg.lora, "lora_sha256": self.generator.lora_sha256,
             "controlnet": cn, "controlnet_sha256": file_sha256(cn_weights) if os.path.isfile(cn_weights) else "",
             "device": str(device), "dtype": str(self.generator.dtype).removeprefix("torch."),
             "native_resolution": self.generator.native_resolution, **class_table(),
-            "limits": asdict(self.limits)}
-        self.reconfigure({"max_batch_size": settings["max_batch_size"],
-                          "batch_wait_timeout_s": settings["batch_wait_timeout_s"]})
+            "limits": limits_dict(self.limits)}
+        self.reconfigure({"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s})
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config (cluster/serve.yaml): batching knobs change live, without a restart."""
-        self.max_batch_size = int(user_config.get("max_batch_size", self.settings["max_batch_size"]))
-        self.batch_wait_timeout_s = float(user_config.get("batch_wait_timeout_s", self.settings["batch_wait_timeout_s"]))
+        self.max_batch_size = int(user_config.get("max_batch_size", self.cfg.max_batch_size))
+        self.batch_wait_timeout_s = float(user_config.get("batch_wait_timeout_s", self.cfg.batch_wait_timeout_s))
         self.generate_batched.set_max_batch_size(self.max_batch_size)
         self.generate_batched.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
 
@@ -537,9 +512,10 @@ def application(cfg):
     import ray
 
     check_serve_inputs(cfg)
-    settings = _settings(cfg)
-    settings["lora"] = os.path.abspath(cfg.lora) if cfg.lora and "://" not in cfg.lora else cfg.lora
-    settings["controlnet"] = os.path.abspath(cfg.controlnet) if "://" not in cfg.controlnet else cfg.controlnet
+    # the replicas may start in another working directory: absolute paths travel
+    cfg = dataclasses.replace(
+        cfg, lora=os.path.abspath(cfg.lora) if cfg.lora and "://" not in cfg.lora else cfg.lora,
+        controlnet=os.path.abspath(cfg.controlnet) if "://" not in cfg.controlnet else cfg.controlnet)
     num_gpus = cfg.num_gpus
     if num_gpus is None:
         num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) else 0
@@ -552,39 +528,16 @@ def application(cfg):
                                          "target_ongoing_requests": cfg.target_ongoing_requests}
     else:
         options["num_replicas"] = cfg.num_replicas
-    return SegmentationSampler.options(**options).bind(settings)
+    return SegmentationSampler.options(**options).bind(cfg)
 
 
 def build_app(args: dict):
     """`serve run calora_ray.serve:build_app model=toy-sd controlnet=DIR [key=value ...]` and the
     `args:` of cluster/serve.yaml: the keys are jobs/serve.py's flags (config=FILE.yaml works too)."""
-    from .config import ServeConfig, build_config, load_yaml
-
     args = dict(args or {})
     values = load_yaml(args.pop("config"), ServeConfig, "serve") if "config" in args else {}
-    values.update({k.replace("-", "_"): _from_text(k, v) for k, v in args.items()})
+    values.update({k.replace("-", "_"): from_text(ServeConfig, k, v) for k, v in args.items()})
     return application(build_config(ServeConfig, values))
-
-
-def _from_text(key: str, value):
-    """`serve run` passes key=value as strings; YAML args come typed. Numbers and booleans from text."""
-    from .config import ConfigError, ServeConfig, _base_type, _leaf_fields
-
-    leaves = _leaf_fields(ServeConfig)
-    name = key.replace("-", "_")
-    if name not in leaves:
-        raise ConfigError(f"unknown key '{key}' for serve; known keys: {', '.join(sorted(leaves))}")
-    if not isinstance(value, str):
-        return value
-    scalar, _ = _base_type(leaves[name][2])
-    if value.lower() in ("none", "null"):
-        return None
-    try:
-        if scalar is bool:
-            return {"true": True, "false": False}[value.lower()]
-        return scalar(value)
-    except (KeyError, ValueError):
-        raise ConfigError(f"'{key}' must be of type {scalar.__name__}, got {value!r}") from None
 
 
 def run_serve(cfg, block: bool = True) -> str:
@@ -611,7 +564,7 @@ def run_serve(cfg, block: bool = True) -> str:
         serve.run(application(cfg), name=APP_NAME, route_prefix="/", blocking=False)
         if not block:
             return url
-        print(f"serving {cfg.model.model} on {url}  (docs: {url}/docs, info: {url}/v1/info); Ctrl-C stops",
+        print(f"serving {cfg.model} on {url}  (docs: {url}/docs, info: {url}/v1/info); Ctrl-C stops",
               file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)

@@ -337,14 +337,14 @@ def run_worker(cfg, build_task: Callable[[Components], TrainingTask]) -> None:
     quiet_libraries()
     set_worker_threads()
     device = worker_device()
-    components = load_components(cfg.model.model, cfg.model.model_seed)
-    components.to(device, resolve_dtype(cfg.model.mixed_precision, device))
+    components = load_components(cfg.model, cfg.model_seed)
+    components.to(device, resolve_dtype(cfg.mixed_precision, device))
     task = build_task(components)
-    dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
-                           resolution=cfg.data.resolution, seed=0)
+    dataset = open_dataset(cfg.data, split=cfg.split, num_images=cfg.num_images,
+                           resolution=cfg.resolution, seed=0)
     resume_from = ray_latest_checkpoint()
     try:
-        train(task, dataset, cfg.training, device=device, mixed_precision=cfg.model.mixed_precision,
+        train(task, dataset, cfg, device=device, mixed_precision=cfg.mixed_precision,
               resume_from=resume_from, report=ray_report, log_dir=Path(cfg.output) / "logs")
     finally:
         if resume_from is not None:
@@ -356,8 +356,8 @@ def finetune_worker(config: dict) -> None:
     cfg: FinetuneConfig = config["cfg"]
     run_worker(cfg, lambda components: lora_task(
         components, config["modules"], cfg.rank, cfg.lora_alpha, caption=cfg.caption,
-        caption_with_classes=cfg.caption_with_classes, seed=cfg.training.seed,
-        gradient_checkpointing=cfg.training.gradient_checkpointing))
+        caption_with_classes=cfg.caption_with_classes, seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing))
 
 
 # What defines a run: a rerun with the same output resumes only if these agree.
@@ -373,9 +373,8 @@ def run_training_job(cfg, identity: dict, worker_fn, worker_config: dict, what: 
     from .distributed import check_storage_path, delete_run, run_trainer
 
     output = Path(cfg.output)
-    dist_cfg = cfg.distributed
-    if dist_cfg.storage_path:
-        storage = check_storage_path(dist_cfg.storage_path)
+    if cfg.storage_path:
+        storage = check_storage_path(cfg.storage_path)
         name = f"{output.name}-{hashlib.sha1(str(output).encode()).hexdigest()[:8]}"
         if cfg.overwrite:  # starting over means the old checkpoints too, wherever they are
             delete_run(storage, name)
@@ -384,9 +383,9 @@ def run_training_job(cfg, identity: dict, worker_fn, worker_config: dict, what: 
     prepare_run_dir(output, identity, cfg.overwrite, what)
     storage = storage or check_storage_path(str(output))
     result = run_trainer(worker_fn, worker_config, name=name, storage_path=storage,
-                         num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
-                         cpus_per_worker=dist_cfg.cpus_per_worker, max_failures=dist_cfg.max_failures,
-                         resource_wait_s=dist_cfg.resource_wait_s)
+                         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
+                         resource_wait_s=cfg.resource_wait_s)
     if result.error is not None:
         raise result.error
     return result, f"{storage.rstrip('/')}/{name}"
@@ -405,11 +404,11 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).expanduser().resolve()))
     output = Path(cfg.output)
     selection = None if cfg.selection == "all" else read_selection(cfg.selection)
-    dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
-                           resolution=cfg.data.resolution, seed=0)
+    dataset = open_dataset(cfg.data, split=cfg.split, num_images=cfg.num_images,
+                           resolution=cfg.resolution, seed=0)
     for i in range(len(dataset)):  # every pair once: a bad label fails now, naming its file
         dataset[i]
-    candidates = find_candidates(load_unet_skeleton(cfg.model.model, cfg.model.model_seed))
+    candidates = find_candidates(load_unet_skeleton(cfg.model, cfg.model_seed))
     modules = list(candidates) if selection is None else selection
     check_modules(modules, candidates, f"--selection {cfg.selection}")
     identity = {k: v for k, v in to_dict(cfg).items() if k in RUN_IDENTITY} | {"modules": modules}
@@ -443,7 +442,7 @@ def write_finetune_outputs(cfg: FinetuneConfig, weights: Path, state: dict, modu
     shutil.copyfile(weights, tmp)
     tmp.replace(output / LORA_WEIGHT_NAME)
     history = state["history"]
-    write_loss_files(output, history, f"LoRA on {len(modules)} projections of {cfg.model.model}, data {cfg.data.data}")
+    write_loss_files(output, history, f"LoRA on {len(modules)} projections of {cfg.model}, data {cfg.data}")
     from safetensors import safe_open
 
     with safe_open(str(output / LORA_WEIGHT_NAME), "pt") as f:
@@ -461,9 +460,9 @@ def write_finetune_outputs(cfg: FinetuneConfig, weights: Path, state: dict, modu
         "alpha": cfg.lora_alpha,
         "trainable_params": lora_params,
         "steps": state["step"],
-        "batch_size": cfg.training.batch_size,
-        "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
-        "num_workers": cfg.distributed.num_workers,
+        "batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "num_workers": cfg.num_workers,
         "num_images": num_images,
         "final_loss": history[-1]["loss"],
         "run": run,
@@ -487,9 +486,9 @@ def controlnet_worker(config: dict) -> None:
     cfg = config["cfg"]
     run_worker(cfg, lambda components: controlnet_task(
         components, lora=cfg.lora, caption=cfg.caption, caption_with_classes=cfg.caption_with_classes,
-        seed=cfg.training.seed, timesteps=cfg.timesteps,
+        seed=cfg.seed, timesteps=cfg.timesteps,
         proportion_empty_prompts=cfg.proportion_empty_prompts,
-        gradient_checkpointing=cfg.training.gradient_checkpointing))
+        gradient_checkpointing=cfg.gradient_checkpointing))
 
 
 def run_train_controlnet(cfg) -> Path:
@@ -507,13 +506,13 @@ def run_train_controlnet(cfg) -> Path:
             raise FileNotFoundError(f"--lora {cfg.lora}: no {LORA_WEIGHT_NAME} there (pass a jobs/finetune.py output)")
         cfg = dataclasses.replace(cfg, lora=str(Path(cfg.lora).resolve()))
         lora_sha = file_sha256(lora_file)
-    dataset = open_dataset(cfg.data.data, split=cfg.data.split, num_images=cfg.data.num_images,
-                           resolution=cfg.data.resolution, seed=0)
+    dataset = open_dataset(cfg.data, split=cfg.split, num_images=cfg.num_images,
+                           resolution=cfg.resolution, seed=0)
     for i in range(len(dataset)):  # every pair once: a bad label fails now, naming its file
         dataset[i]
-    unet = load_unet_skeleton(cfg.model.model, cfg.model.model_seed)
+    unet = load_unet_skeleton(cfg.model, cfg.model_seed)
     if getattr(unet.config, "addition_embed_type", None) == "text_time":
-        raise ValueError(f"--model {cfg.model.model}: ControlNet training supports SD-1.x/2.x-shaped models, not SDXL")
+        raise ValueError(f"--model {cfg.model}: ControlNet training supports SD-1.x/2.x-shaped models, not SDXL")
     identity = {k: v for k, v in to_dict(cfg).items() if k in CONTROLNET_IDENTITY} | {"lora_sha256": lora_sha}
     started = time.perf_counter()
     result, run = run_training_job(cfg, identity, controlnet_worker, {"cfg": cfg}, "calora_ray ControlNet training")
@@ -524,19 +523,19 @@ def run_train_controlnet(cfg) -> Path:
             shutil.copyfile(ckpt / name, output / f".{name}.tmp")
             (output / f".{name}.tmp").replace(output / name)
     history = state["history"]
-    write_loss_files(output, history, f"ControlNet on {cfg.model.model}" + (" + LoRA" if cfg.lora else "")
-                     + f", data {cfg.data.data}")
+    write_loss_files(output, history, f"ControlNet on {cfg.model}" + (" + LoRA" if cfg.lora else "")
+                     + f", data {cfg.data}")
     atomic_write_text(output / "controlnet.json", json.dumps({
         "controlnet": CONTROLNET_FILES[1],
         "controlnet_sha256": file_sha256(output / CONTROLNET_FILES[1]),
         "conditioning": "Cityscapes palette colours of the train-id label map (calora_ray.data.labels.colorize), "
                         "values / 255, at the label's size",
-        "model": cfg.model.model,
+        "model": cfg.model,
         "lora": cfg.lora,
         "lora_sha256": lora_sha,
         "steps": state["step"],
-        "batch_size": cfg.training.batch_size,
-        "num_workers": cfg.distributed.num_workers,
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.num_workers,
         "num_images": len(dataset),
         "final_loss": history[-1]["loss"],
         "run": run,

@@ -5,11 +5,11 @@ import pytest
 from calora_ray.config import ConfigError, FinetuneConfig, ScoreConfig, build_config, load_yaml, parse_config
 
 
-def test_flags_fill_nested_dataclasses():
+def test_flags_fill_the_job_config_and_its_shared_options():
     cfg = parse_config(ScoreConfig, ["--model", "tiny", "--top-k-percent", "5", "--self-attention-only",
                                      "--augmented-prompts", "a", "b", "--resolution", "32"], "score")
-    assert cfg.model.model == "tiny" and cfg.top_k_percent == 5.0 and cfg.self_attention_only
-    assert cfg.augmented_prompts == ["a", "b"] and cfg.data.resolution == 32
+    assert cfg.model == "tiny" and cfg.top_k_percent == 5.0 and cfg.self_attention_only
+    assert cfg.augmented_prompts == ["a", "b"] and cfg.resolution == 32
 
 
 def test_yaml_sections_and_precedence(tmp_path):
@@ -21,8 +21,8 @@ def test_yaml_sections_and_precedence(tmp_path):
     assert score.concept == "viewpoint" and score.top_k_percent == 3.0 and score.seed == 3
     assert score.concepts == {"weather": {"augmented_prompts": ["a b"]}}
     ft = parse_config(FinetuneConfig, ["--config", str(path)], "finetune")
-    assert ft.training.learning_rate == 1e-4 and ft.rank == 8 and ft.training.steps == 7 and ft.lora_alpha == 8.0
-    assert ft.data.data == "toy:target"  # the job's own default survives
+    assert ft.learning_rate == 1e-4 and ft.rank == 8 and ft.steps == 7 and ft.lora_alpha == 8.0
+    assert ft.data == "toy:target"  # the job's own default survives
 
 
 def test_shipped_configs_parse():
@@ -35,7 +35,7 @@ def test_shipped_configs_parse():
         assert s.top_k_percent == 2 and s.timestep == 81
         assert f.selection.endswith("sensitivity.json")
     sd = parse_config(FinetuneConfig, ["--config", str(root / "sd15-cityscapes.yaml")], "finetune")
-    assert (sd.rank, sd.lora_alpha, sd.training.learning_rate, sd.training.steps) == (64, 64.0, 1e-4, 10000)
+    assert (sd.rank, sd.lora_alpha, sd.learning_rate, sd.steps) == (64, 64.0, 1e-4, 10000)
 
 
 def test_unknown_yaml_key_names_file_and_key(tmp_path):
@@ -87,7 +87,7 @@ def test_one_yaml_for_every_job(tmp_path):
                                 "generate", "serve"}
     f = tmp_path / "all.yaml"
     f.write_text("model: toy-sd\nrows_per_shard: 7\nreference: toy:world\nmax_batch_size: 3\n")
-    assert parse_config(SampleConfig, ["--config", str(f)], job="sample").model.model == "toy-sd"
+    assert parse_config(SampleConfig, ["--config", str(f)], job="sample").model == "toy-sd"
     assert parse_config(GenerateConfig, ["--config", str(f)], job="generate").rows_per_shard == 7
     assert parse_config(MeasureConfig, ["--config", str(f)], job="measure").reference == "toy:world"
     assert parse_config(ServeConfig, ["--config", str(f)], job="serve").max_batch_size == 3

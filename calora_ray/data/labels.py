@@ -39,6 +39,7 @@ _TRAIN_LABELS = (
     (32, 17, (0, 0, 230)),      # motorcycle
     (33, 18, (119, 11, 32)),    # bicycle
 )
+from calora_ray.errors import UserError
 
 PALETTE = np.zeros((256, 3), dtype=np.uint8)
 LABEL_ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
@@ -53,7 +54,7 @@ LABEL_ID_TO_TRAIN_ID.flags.writeable = False
 TRAIN_ID_TO_LABEL_ID.flags.writeable = False
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """A label map that is not a valid HxW train-id map; the message names the file."""
 
 

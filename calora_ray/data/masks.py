@@ -33,13 +33,14 @@ from calora_ray.data.labels import (
     label_ids_to_train_ids,
     validate_label,
 )
+from calora_ray.errors import UserError
 
 LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
 TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
 LABEL_COLUMN = "label"
 
 
-class MaskError(ValueError):
+class MaskError(UserError, ValueError):
     """A mask that cannot be used; the message names it and says why."""
 
 
