@@ -32,7 +32,8 @@ class ConfigError(UserError, ValueError):
 
 def _help(text: str, **extra) -> dict:
     """Field metadata: the flag's help text; cli=False: YAML only; hidden=True: a test hook, not
-    in --help; internal=True: set by the code, neither a flag nor a YAML key."""
+    in --help; internal=True: set by the code, neither a flag nor a YAML key; identity=False: a
+    knob a rerun may change and still resume the same run (outputs.run_identity)."""
     return {"help": text, **extra}
 
 
@@ -71,21 +72,21 @@ class ModelConfig:
 class DistributedConfig:
     num_workers: int = field(default=1, metadata=_help(
         "Ray Train workers (processes; one GPU each with --use-gpu). Scoring splits the samples "
-        "over them; fine-tuning shards the data and averages the LoRA gradients."))
+        "over them; fine-tuning shards the data and averages the LoRA gradients.", identity=False))
     use_gpu: str = field(default="auto", metadata=_help(
         "'auto' (a GPU per worker when the cluster has them, else CPU), 'true' or 'false'.",
-        choices=("auto", "true", "false")))
+        choices=("auto", "true", "false"), identity=False))
     cpus_per_worker: int | None = field(default=None, metadata=_help(
-        "CPUs reserved per worker; default: the cluster's CPUs divided by --num-workers."))
+        "CPUs reserved per worker; default: the cluster's CPUs divided by --num-workers.", identity=False))
     storage_path: str | None = field(default=None, metadata=_help(
         "Where Ray Train keeps the run state and checkpoints: a local directory or any URI pyarrow "
         "or fsspec understands (s3://, gs://, ...; needed for multi-node resume). Default: the "
-        "output directory for fine-tuning, a temporary directory for scoring."))
+        "output directory for fine-tuning, a temporary directory for scoring.", identity=False))
     max_failures: int = field(default=2, metadata=_help(
-        "Restarts from the latest checkpoint after a worker fails (FailureConfig)."))
+        "Restarts from the latest checkpoint after a worker fails (FailureConfig).", identity=False))
     resource_wait_s: float = field(default=60.0, metadata=_help(
         "How long to wait for the cluster (e.g. an autoscaler) to offer the requested CPUs/GPUs "
-        "before failing with a clear error."))
+        "before failing with a clear error.", identity=False))
 
     def __post_init__(self):
         check_choice("use_gpu", self.use_gpu, ("auto", "true", "false"))
@@ -188,7 +189,7 @@ class ScoreConfig(ModelConfig, DataConfig, DistributedConfig):
 class TrainingConfig:
     """The shared training loop's knobs (LoRA fine-tuning here; the ControlNet job reuses them)."""
 
-    steps: int = field(default=1000, metadata=_help("Optimizer steps (paper: 10k)."))
+    steps: int = field(default=1000, metadata=_help("Optimizer steps (paper: 10k).", identity=False))
     batch_size: int = field(default=4, metadata=_help("Images per worker per micro-batch."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help(
         "Micro-batches per optimizer step (effective batch = batch_size x this x num_workers)."))
@@ -199,27 +200,27 @@ class TrainingConfig:
         choices=("constant", "constant_with_warmup", "linear", "cosine")))
     lr_warmup_steps: int = field(default=0, metadata=_help("Warm-up steps of the schedule."))
     gradient_checkpointing: bool = field(default=False, metadata=_help(
-        "Recompute UNet activations in the backward pass: less memory, ~30%% more time."))
+        "Recompute UNet activations in the backward pass: less memory, ~30%% more time.", identity=False))
     seed: int = field(default=0, metadata=_help(
         "Seed of LoRA init, batches, noise and timesteps; each step's draws derive from "
         "(seed, worker rank, step), so a resumed run continues exactly as an uninterrupted one."))
-    log_every: int = field(default=10, metadata=_help("Log and record the loss every N steps."))
+    log_every: int = field(default=10, metadata=_help("Log and record the loss every N steps.", identity=False))
     checkpoint_every: int = field(default=100, metadata=_help(
-        "Save a checkpoint (adapter, optimizer, schedule, step) every N steps, and at the end."))
+        "Save a checkpoint (adapter, optimizer, schedule, step) every N steps, and at the end.", identity=False))
     report_to: str = field(default="none", metadata=_help(
         "'tensorboard' writes loss, learning rate, throughput and validation images under "
         "OUTPUT/logs (on the rank-0 worker's disk); 'none' writes none.",
-        choices=("none", "tensorboard")))
+        choices=("none", "tensorboard"), identity=False))
     validation_every: int = field(default=0, metadata=_help(
-        "Every N steps sample the --validation-prompts into OUTPUT/logs/validation (0 = never)."))
+        "Every N steps sample the --validation-prompts into OUTPUT/logs/validation (0 = never).", identity=False))
     validation_prompts: list[str] = field(default_factory=lambda: [
         "Photorealistic first-person urban street view",
         "Photorealistic first-person urban street view at night"], metadata=_help(
-        "Prompts of the validation images."))
-    validation_steps: int = field(default=20, metadata=_help("Sampling steps of the validation images."))
+        "Prompts of the validation images.", identity=False))
+    validation_steps: int = field(default=20, metadata=_help("Sampling steps of the validation images.", identity=False))
     simulate_failure_at_step: int | None = field(default=None, metadata=_help(
         "Testing: the last worker raises at this step on the first attempt (no checkpoint yet "
-        "restored), to exercise FailureConfig restarts.", hidden=True))
+        "restored), to exercise FailureConfig restarts.", hidden=True, identity=False))
 
     def __post_init__(self):
         check_choice("report_to", self.report_to, ("none", "tensorboard"))
@@ -243,7 +244,7 @@ class FinetuneConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfig)
     data: str = field(default="toy:target", metadata=DATA_HELP)
     selection: str = field(default="all", metadata=_help(
         "Which projections get LoRA: a sensitivity.json written by jobs/score.py (its 'selected' "
-        "list), or 'all' (every candidate projection = plain LoRA)."))
+        "list), or 'all' (every candidate projection = plain LoRA).", identity=False))
     rank: int = field(default=64, metadata=_help("LoRA rank r (paper: 64; the tiny model: 4)."))
     alpha: float | None = field(default=None, metadata=_help("LoRA alpha; default: equal to --rank."))
     caption: str = field(default="Photorealistic first-person urban street view", metadata=_help(
@@ -253,9 +254,9 @@ class FinetuneConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfig)
     output: str = field(default="outputs/finetune", metadata=_help(
         "Output (and run) directory: pytorch_lora_weights.safetensors (diffusers format), "
         "finetune.json, loss.csv, loss.png; checkpoints under ray_train/ unless --storage-path. "
-        "Running again with the same output resumes from the latest checkpoint."))
+        "Running again with the same output resumes from the latest checkpoint.", identity=False))
     overwrite: bool = field(default=False, metadata=_help(
-        "Delete the output directory (and its checkpoints) first and start over."))
+        "Delete the output directory (and its checkpoints) first and start over.", identity=False))
 
     def __post_init__(self):
         if self.rank < 1:
@@ -310,9 +311,9 @@ class PretrainConfig:
         "Output (and run) directory: a standard diffusers directory (model_index.json, unet/, vae/, "
         "text_encoder/, tokenizer/, scheduler/), MODEL_CARD.md, samples.png, pretrain.json, "
         "logs/{vae,unet}/loss.{csv,png} and checkpoint.pt. Running the same command again resumes "
-        "from checkpoint.pt."))
+        "from checkpoint.pt.", identity=False))
     overwrite: bool = field(default=False, metadata=_help(
-        "Delete the output directory (and its checkpoint) first and start over."))
+        "Delete the output directory (and its checkpoint) first and start over.", identity=False))
     seed: int = field(default=0, metadata=_help(
         "Seed of the initial weights, batches, noise, timesteps and caption dropout."))
     num_images: int = field(default=8000, metadata=_help(
@@ -332,18 +333,18 @@ class PretrainConfig:
     text_layers: int = field(default=2, metadata=_help("Transformer layers of the CLIP text encoder."))
     # --- phase 1: the VAE
     vae_minutes: float | None = field(default=20.0, metadata=_help(
-        "Training-time budget of the VAE phase in minutes (null in YAML: no time limit, --vae-steps only)."))
+        "Training-time budget of the VAE phase in minutes (null in YAML: no time limit, --vae-steps only).", identity=False))
     vae_steps: int | None = field(default=None, metadata=_help(
-        "At most this many VAE steps (default: only the time budget limits the phase)."))
+        "At most this many VAE steps (default: only the time budget limits the phase).", identity=False))
     vae_batch_size: int = field(default=16, metadata=_help("Images per VAE step."))
     vae_learning_rate: float = field(default=1e-3, metadata=_help("AdamW learning rate of the VAE."))
     kl_weight: float = field(default=1e-5, metadata=_help(
         "Weight of the VAE's KL term (per latent element) against L1 + MSE reconstruction (per pixel)."))
     # --- phase 2: UNet + text encoder on the frozen VAE's latents
     unet_minutes: float | None = field(default=62.0, metadata=_help(
-        "Training-time budget of the UNet + text encoder phase in minutes (null in YAML: --unet-steps only)."))
+        "Training-time budget of the UNet + text encoder phase in minutes (null in YAML: --unet-steps only).", identity=False))
     unet_steps: int | None = field(default=None, metadata=_help(
-        "At most this many UNet steps (default: only the time budget limits the phase)."))
+        "At most this many UNet steps (default: only the time budget limits the phase).", identity=False))
     unet_batch_size: int = field(default=64, metadata=_help("Latents per UNet step."))
     unet_learning_rate: float = field(default=5e-4, metadata=_help(
         "AdamW learning rate of the UNet and the text encoder."))
@@ -355,19 +356,19 @@ class PretrainConfig:
         "Decay of the EMA of the UNet and text-encoder weights (the saved model is the EMA)."))
     # --- bookkeeping
     log_every: int = field(default=10, metadata=_help(
-        "Write a loss.csv row (the mean loss since the last row) every N steps."))
+        "Write a loss.csv row (the mean loss since the last row) every N steps.", identity=False))
     checkpoint_minutes: float = field(default=5.0, metadata=_help(
-        "Save checkpoint.pt every N minutes of training (and at the end of each phase, and on Ctrl-C)."))
+        "Save checkpoint.pt every N minutes of training (and at the end of each phase, and on Ctrl-C).", identity=False))
     sample_images: int = field(default=4, metadata=_help(
-        "Images per prompt in samples.png (prompts: every style x viewpoint, clear and 4 conditions)."))
-    sample_steps: int = field(default=25, metadata=_help("DDIM steps of the sample grid."))
-    guidance: float = field(default=4.0, metadata=_help("Classifier-free guidance scale of the sample grid."))
+        "Images per prompt in samples.png (prompts: every style x viewpoint, clear and 4 conditions).", identity=False))
+    sample_steps: int = field(default=25, metadata=_help("DDIM steps of the sample grid.", identity=False))
+    guidance: float = field(default=4.0, metadata=_help("Classifier-free guidance scale of the sample grid.", identity=False))
     simulate_interrupt_at_step: int | None = field(default=None, metadata=_help(
         "Testing: after this UNet step, stop as Ctrl-C would (a run that resumed from a checkpoint "
-        "ignores it).", hidden=True))
+        "ignores it).", hidden=True, identity=False))
     device: str = field(default="cpu", metadata=_help(
         "Where to train: cpu (the committed model's recipe, ~90 min on 2 cores), cuda, or auto "
-        "(cuda when present). fp32 either way; a GPU run draws the same batches but is not bit-identical."))
+        "(cuda when present). fp32 either way; a GPU run draws the same batches but is not bit-identical.", identity=False))
 
     def __post_init__(self):
         for name in ("num_images", "val_images", "resolution", "text_layers", "vae_batch_size", "unet_batch_size",
@@ -459,7 +460,7 @@ class ControlNetConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfi
     data: str = field(default="toy:target", metadata=DATA_HELP)
     lora: str | None = field(default=None, metadata=_help(
         "A jobs/finetune.py output (pytorch_lora_weights.safetensors): applied to the UNet, frozen, "
-        "while the ControlNet trains; the same adapter is then used for generation."))
+        "while the ControlNet trains; the same adapter is then used for generation.", identity=False))
     caption: str = field(default="Photorealistic first-person urban street view", metadata=_help(
         "Caption of every training pair (the paper's base prompt)."))
     caption_with_classes: bool = field(default=True, metadata=_help(
@@ -476,9 +477,9 @@ class ControlNetConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfi
         "Output (and run) directory: the ControlNet in the diffusers format (config.json + "
         "diffusion_pytorch_model.safetensors; ControlNetModel.from_pretrained loads it), controlnet.json, "
         "loss.csv, loss.png; checkpoints under ray_train/ unless --storage-path. Running again with the "
-        "same output resumes from the latest checkpoint."))
+        "same output resumes from the latest checkpoint.", identity=False))
     overwrite: bool = field(default=False, metadata=_help(
-        "Delete the output directory (and its checkpoints) first and start over."))
+        "Delete the output directory (and its checkpoints) first and start over.", identity=False))
 
     def __post_init__(self):
         check_choice("timesteps", self.timesteps, ("uniform", "cubic"))
@@ -529,28 +530,28 @@ class GenerateConfig(ModelConfig):
         "[1, max_zoom] (1 = centre crop of the whole shorter side)."))
     rows_per_shard: int = field(default=512, metadata=_help(
         "Rows per Parquet shard (the last shard holds the rest): the unit of work, commit and resume."))
-    row_group_size: int = field(default=64, metadata=_help("Rows per Parquet row group."))
+    row_group_size: int = field(default=64, metadata=_help("Rows per Parquet row group.", identity=False))
     num_actors: int | None = field(default=None, metadata=_help(
-        "Generator actors (each loads the model once): default one per GPU of the cluster, or 1 without GPUs."))
-    batch_size: int = field(default=4, metadata=_help("Images per generate() call inside an actor."))
+        "Generator actors (each loads the model once): default one per GPU of the cluster, or 1 without GPUs.", identity=False))
+    batch_size: int = field(default=4, metadata=_help("Images per generate() call inside an actor.", identity=False))
     cpus_per_actor: int | None = field(default=None, metadata=_help(
-        "CPUs reserved per actor (its torch threads): default 1 with GPUs, else the cluster's CPUs / actors."))
+        "CPUs reserved per actor (its torch threads): default 1 with GPUs, else the cluster's CPUs / actors.", identity=False))
     use_gpu: str = field(default="auto", metadata=_help(
         "'auto' (one GPU per actor when the cluster has them), 'true' or 'false'.",
-        choices=("auto", "true", "false")))
+        choices=("auto", "true", "false"), identity=False))
     strict: bool = field(default=False, metadata=_help(
-        "Fail on the first bad mask, naming it (default: skip bad masks and list them in manifest.json)."))
-    preview_samples: int = field(default=8, metadata=_help("Samples shown in preview.png."))
+        "Fail on the first bad mask, naming it (default: skip bad masks and list them in manifest.json).", identity=False))
+    preview_samples: int = field(default=8, metadata=_help("Samples shown in preview.png.", identity=False))
     measure_samples: int = field(default=64, metadata=_help(
         "For the toy models (tiny, toy-sd): measure label fidelity and prompt adherence of the first N "
         "rows with the toy-world probe (jobs/measure.py's metrics) and put them on the dataset card "
-        "(0: skip; the probe trains once, a few minutes, when not cached)."))
+        "(0: skip; the probe trains once, a few minutes, when not cached).", identity=False))
     output: str = field(default="outputs/generate", metadata=_help(
         "Output URI (a path, file://, s3://, ...): data/shard-*.parquet, manifest.json, README.md, "
-        "preview.png. Running the same command again resumes: completed shards are kept."))
-    overwrite: bool = field(default=False, metadata=_help("Delete the output first and start over."))
+        "preview.png. Running the same command again resumes: completed shards are kept.", identity=False))
+    overwrite: bool = field(default=False, metadata=_help("Delete the output first and start over.", identity=False))
     simulate_failure_at_shard: int | None = field(default=None, metadata=_help(
-        "Testing: the actor asked for this shard raises (to exercise resume).", hidden=True))
+        "Testing: the actor asked for this shard raises (to exercise resume).", hidden=True, identity=False))
 
     def __post_init__(self):
         check_choice("use_gpu", self.use_gpu, ("auto", "true", "false"))

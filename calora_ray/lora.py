@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from .errors import UserError
+from .errors import UserError, UserFileNotFoundError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -100,6 +100,31 @@ def save_lora(components, unet: nn.Module, output_dir: str | Path) -> Path:
     metadata = json.loads(json.dumps(metadata, default=lambda o: list(o) if isinstance(o, set) else str(o)))
     pipeline_class.save_lora_weights(output_dir, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
     return Path(output_dir) / LORA_WEIGHT_NAME
+
+
+def local_path(path: str | Path) -> Path:
+    """A local path for a file or directory given as a path or a file:// URI."""
+    return Path(str(path).removeprefix("file://"))
+
+
+def lora_file(path: str | Path, flag: str = "--lora") -> Path:
+    """The adapter file of a LoRA directory (a jobs/finetune.py output, path or file:// URI).
+
+    The one check every job makes of a LoRA argument: a UserError naming `flag` when the
+    directory holds no pytorch_lora_weights.safetensors.
+    """
+    file = local_path(path) / LORA_WEIGHT_NAME
+    if not file.is_file():
+        raise UserFileNotFoundError(f"{flag} {path}: no {LORA_WEIGHT_NAME} there (pass a jobs/finetune.py output)")
+    return file
+
+
+def load_lora(components, path: str | Path, flag: str = "--lora") -> str:
+    """Load a LoRA directory into the components' UNet (in place, through the stock pipeline's
+    load_lora_weights, as a user would); returns the adapter file's sha256."""
+    file = lora_file(path, flag)
+    components.pipeline().load_lora_weights(str(file.parent))  # patches the shared UNet in place
+    return file_sha256(file)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -7,13 +7,16 @@ a bad input midway leaves nothing partial under the output name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from .errors import UserError
+import fsspec
+
+from .errors import UserError, UserValueError
 
 
 class OutputExistsError(UserError, FileExistsError):
@@ -69,28 +72,48 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp.replace(path)
 
 
-def prepare_run_dir(output: str | Path, identity: dict, overwrite: bool, what: str) -> Path:
-    """An output directory that doubles as a resumable run directory.
+def run_identity(cfg, **extra) -> dict:
+    """What defines a run of a job config: every option except the knobs a rerun may change and
+    still continue the same run (declared once, on the field: `identity=False` in config.py), plus
+    `extra` facts the options do not show (the selected modules, an adapter's sha256, ...).
+    JSON-normalised, so a record read back compares equal."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("identity", True)}
+    return json.loads(json.dumps(values | extra, default=str))
 
-    New (created), or the same run again (its RUN_RECORD matches `identity`: resume), or an error
-    naming what differs. `overwrite` deletes it first. `what` names the job in messages.
+
+def prepare_run(uri: str | Path, identity: dict, overwrite: bool, what: str) -> bool:
+    """The one resume rule of every run directory (fine-tuning, ControlNet training, pretraining,
+    generation), on a local path or any fsspec URI.
+
+    New or empty: created, RUN_RECORD written, returns False. The same run again (its RUN_RECORD
+    equals `identity`): returns True (resume). Anything else is a UserError naming what differs.
+    `overwrite` deletes it first. `what` names the job in messages.
     """
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"--output {output}: exists and is not a directory")
-    if overwrite and output.exists():
-        shutil.rmtree(output)
-    record = output / RUN_RECORD
-    if output.is_dir() and any(output.iterdir()):
-        if not record.is_file():
-            raise FileExistsError(f"--output {output}: directory exists and is not a {what} run (no {RUN_RECORD}); "
-                                  f"pass --overwrite to replace it or choose another --output")
-        previous = json.loads(record.read_text())
+    fs, root = fsspec.core.url_to_fs(str(uri))
+    root = root.rstrip("/")
+    identity = json.loads(json.dumps(identity, default=str))
+    if fs.isfile(root):
+        raise OutputExistsError(f"--output {uri}: exists and is not a directory")
+    if overwrite and fs.exists(root):
+        fs.rm(root, recursive=True)
+    record = f"{root}/{RUN_RECORD}"
+    if fs.isdir(root) and fs.ls(root, detail=False):
+        if not fs.isfile(record):
+            raise OutputExistsError(f"--output {uri}: directory exists and is not a {what} run (no {RUN_RECORD}); "
+                                    f"pass --overwrite to replace it or choose another --output")
+        previous = json.loads(fs.cat_file(record))
         changed = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
         if changed:
-            raise ValueError(f"--output {output} holds a run with a different configuration ({', '.join(changed)} "
-                             f"differ), so it cannot be resumed; pass --overwrite to start over or choose "
-                             f"another --output")
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(record, json.dumps(identity, indent=2, default=str) + "\n")
-    return output
+            raise UserValueError(f"--output {uri} holds a run with a different configuration ({', '.join(changed)} "
+                                 f"differ), so it cannot be resumed; pass --overwrite to start over or choose "
+                                 f"another --output")
+        return True
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(record, (json.dumps(identity, indent=2) + "\n").encode())  # one PUT / one small local write
+    return False
+
+
+def prepare_run_dir(output: str | Path, identity: dict, overwrite: bool, what: str) -> Path:
+    """A local output directory that doubles as a resumable run directory (`prepare_run`)."""
+    prepare_run(Path(output), identity, overwrite, what)
+    return Path(output)

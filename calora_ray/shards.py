@@ -24,10 +24,17 @@ import io
 import json
 import uuid
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from calora_ray.data.masks import url_to_fs
+from .errors import UserFileNotFoundError
+
+
+def url_to_fs(uri: str):
+    """(fsspec filesystem, path) of a local path, file:// or any fsspec URI."""
+    return fsspec.core.url_to_fs(uri)
+
 
 DATA_DIR = "data"
 COMMIT_DIR = "_commits"
@@ -187,11 +194,52 @@ class ShardStore:
             return pq.read_table(f, columns=columns)
 
 
+def parquet_files(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """(filesystem, paths) of the Parquet files that hold the rows at `uri`, in order: the one
+    place that decides which files of a directory count.
+
+    A generate output (it has a run record or commit records): its committed shards only, so a
+    half-written output never reads as data. Any other directory: every *.parquet under it, except
+    hidden and underscore paths (as pyarrow, Ray Data and pandas skip them). A file: itself.
+    """
+    fs, root = url_to_fs(uri)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        raise UserFileNotFoundError(f"{uri}: no such file or directory")
+    if fs.isfile(root):
+        return fs, [root] if root.endswith(".parquet") else []
+    output = uri.rstrip("/").removesuffix("/" + DATA_DIR)  # OUT/data reads as OUT
+    base = root.removesuffix("/" + DATA_DIR)
+    if fs.exists(f"{base}/{COMMIT_DIR}") or fs.exists(f"{base}/{RUN_RECORD}"):
+        store = ShardStore(output)
+        return store.fs, [store.path(r["file"]) for _, r in sorted(store.completed().items())]
+    files = sorted(f for f in fs.find(root) if f.endswith(".parquet")
+                   and not any(part.startswith((".", "_")) for part in f[len(root):].split("/")))
+    return fs, files
+
+
+def read_table(uri: str, columns: list[str] | None = None, max_rows: int | None = None) -> pa.Table:
+    """The rows at `uri` (`parquet_files`) as one pyarrow Table: the given columns, the first
+    `max_rows` rows. Every reader of shards (measure, masks, the dataset card) goes through here."""
+    fs, files = parquet_files(uri)
+    tables, rows = [], 0
+    for f in files:
+        if max_rows is not None and rows >= max_rows:
+            break
+        with fs.open(f, "rb") as handle:
+            table = pq.read_table(handle, columns=columns)
+        if max_rows is not None:
+            table = table.slice(0, max_rows - rows)
+        tables.append(table)
+        rows += table.num_rows
+    if not tables:
+        return (SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns if c in SCHEMA.names])).empty_table()
+    return pa.concat_tables(tables)
+
+
 def read_dataset(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Every committed row of a generate output (its data/ directory) as one pyarrow Table."""
-    store = ShardStore(uri)
-    tables = [store.read_shard(r["file"], columns) for _, r in sorted(store.completed().items())]
-    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    return read_table(uri, columns)
 
 
 # ----------------------------------------------------------------------------- manifest, card, preview
