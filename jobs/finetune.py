@@ -8,14 +8,9 @@ Writes DIR2/pytorch_lora_weights.safetensors (diffusers format: a stock pipeline
 pipe.load_lora_weights(DIR2)), finetune.json, loss.csv and loss.png.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
-
-from calora_ray.cli import run_job  # noqa: E402
-from calora_ray.config import FinetuneConfig, parse_config  # noqa: E402
-from calora_ray.training import run_finetune  # noqa: E402
+from calora_ray.cli import run_job
+from calora_ray.config import FinetuneConfig, parse_config
+from calora_ray.training import run_finetune
 
 
 def main(argv=None):

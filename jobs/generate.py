@@ -9,14 +9,9 @@ dataset card) and preview.png. Running the same command again after a crash resu
 shards are kept, and the result holds exactly --num-samples unique sample_ids.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
-
-from calora_ray.cli import run_job  # noqa: E402
-from calora_ray.config import GenerateConfig, parse_config  # noqa: E402
-from calora_ray.generation import run_generate  # noqa: E402
+from calora_ray.cli import run_job
+from calora_ray.config import GenerateConfig, parse_config
+from calora_ray.generation import run_generate
 
 
 def main(argv=None):

@@ -10,14 +10,9 @@ in the venv the first time, a few minutes); for real models pass --clip (a CLIP 
 directory) to get CMMD and CLIP-score instead. Writes a JSON report and prints one line per metric.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
-
-from calora_ray.cli import run_job  # noqa: E402
-from calora_ray.config import MeasureConfig, parse_config  # noqa: E402
-from calora_ray.measure import run_measure, summary_lines  # noqa: E402
+from calora_ray.cli import run_job
+from calora_ray.config import MeasureConfig, parse_config
+from calora_ray.measure import run_measure, summary_lines
 
 
 def main(argv=None):

@@ -13,13 +13,10 @@ command again continues from OUTPUT/checkpoint.pt; --overwrite starts over.
 import shlex
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
-
-from calora_ray.cli import run_job  # noqa: E402
-from calora_ray.config import PretrainConfig, parse_config  # noqa: E402
-from calora_ray.toyworld.pretrain import pretrain_toy_sd  # noqa: E402
+from calora_ray.cli import run_job
+from calora_ray.config import PretrainConfig, parse_config
+from calora_ray.toyworld.pretrain import pretrain_toy_sd
 
 
 def main(argv=None):

@@ -7,14 +7,9 @@
 Writes one PNG per image, grid.png (a row per prompt) and samples.json.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
-
-from calora_ray.cli import run_job  # noqa: E402
-from calora_ray.config import SampleConfig, parse_config  # noqa: E402
-from calora_ray.sampling import run_sampling  # noqa: E402
+from calora_ray.cli import run_job
+from calora_ray.config import SampleConfig, parse_config
+from calora_ray.sampling import run_sampling
 
 
 def main(argv=None):

@@ -6,14 +6,9 @@
 Writes DIR/sensitivity.json (scores, selection, provenance) and DIR/sensitivity.png.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
-
-from calora_ray.config import ScoreConfig, parse_config  # noqa: E402
-from calora_ray.cli import run_job  # noqa: E402
-from calora_ray.scoring import run_scoring  # noqa: E402
+from calora_ray.config import ScoreConfig, parse_config
+from calora_ray.cli import run_job
+from calora_ray.scoring import run_scoring
 
 
 def main(argv=None):

@@ -8,14 +8,9 @@ Binds 127.0.0.1 unless --host says otherwise. A local Ray starts by itself (or R
 used); Ctrl-C stops the app. examples/client.py shows the calls; cluster/serve.yaml deploys it.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
-
-from calora_ray.cli import run_job  # noqa: E402
-from calora_ray.config import ServeConfig, parse_config  # noqa: E402
-from calora_ray.serve import run_serve  # noqa: E402
+from calora_ray.cli import run_job
+from calora_ray.config import ServeConfig, parse_config
+from calora_ray.serve import run_serve
 
 
 def main(argv=None):

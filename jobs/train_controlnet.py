@@ -10,14 +10,9 @@ stock StableDiffusionControlNetPipeline runs with it), controlnet.json, loss.csv
 Checkpoints and resume work as for jobs/finetune.py.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
-
-from calora_ray.cli import run_job  # noqa: E402
-from calora_ray.config import ControlNetConfig, parse_config  # noqa: E402
-from calora_ray.training import run_train_controlnet  # noqa: E402
+from calora_ray.cli import run_job
+from calora_ray.config import ControlNetConfig, parse_config
+from calora_ray.training import run_train_controlnet
 
 
 def main(argv=None):

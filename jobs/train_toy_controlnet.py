@@ -21,16 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+import torch
 
-import torch  # noqa: E402
-
-from calora_ray.config import TrainingConfig, build_config  # noqa: E402
-from calora_ray.data import open_dataset  # noqa: E402
-from calora_ray.models import load_components  # noqa: E402
-from calora_ray.plots import plot_loss  # noqa: E402
-from calora_ray.toyworld.world import first_person_indices  # noqa: E402
-from calora_ray.training import CONTROLNET_FILES, controlnet_task, train  # noqa: E402
+from calora_ray.config import TrainingConfig, build_config
+from calora_ray.data import open_dataset
+from calora_ray.models import load_components
+from calora_ray.plots import plot_loss
+from calora_ray.toyworld.world import first_person_indices
+from calora_ray.training import CONTROLNET_FILES, controlnet_task, train
 
 
 def _render(args: tuple[int, int, int]) -> dict:
