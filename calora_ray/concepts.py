@@ -1,7 +1,7 @@
 """Concepts as prompt sets: a base prompt c and the augmented prompts c_aug that change one concept.
 
 The paper scores each projection by how strongly the change c -> c_aug moves its gradient
-(METHOD.md). `style` and `viewpoint` ship with the paper's prompt plus paraphrases that stay
+(docs/method.md, "Prompts and concepts"). `style` and `viewpoint` ship with the paper's prompt plus paraphrases that stay
 inside the toy world's caption vocabulary; users define their own concepts in the YAML config.
 """
 

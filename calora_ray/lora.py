@@ -1,6 +1,6 @@
 """LoRA on exactly the selected projections: attach (peft), save in the diffusers format, load.
 
-Two silent failures this module guards against (ECOSYSTEM.md): a file saved without adapter
+Two silent failures of diffusers / peft this module guards against (docs/method.md, "Fine-tuning"): a file saved without adapter
 metadata loads with alpha = r whatever alpha was; and peft-native keys or keys without the
 `unet.` prefix load as a no-op. `save_lora` therefore always writes metadata and goes through
 diffusers' own `save_lora_weights`, and the tests compare outputs after loading.
@@ -13,7 +13,12 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from torch import nn
+
 from .errors import UserError, UserFileNotFoundError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -56,8 +61,6 @@ def attach_lora(unet: nn.Module, module_names: list[str], rank: int, alpha: floa
     The base weights stay frozen; only lora_A / lora_B of those modules train (fp32).
     Full paths are matched exactly, so `...attn2.to_k` does not leak onto other `to_k` layers.
     """
-    from peft import LoraConfig
-
     # An anchored alternation is matched with re.fullmatch by peft: exact full paths only.
     pattern = "^(" + "|".join(n.replace(".", r"\.") for n in module_names) + ")$"
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=pattern)
@@ -80,9 +83,6 @@ def trainable_modules(unet: nn.Module) -> list[str]:
 
 def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights with diffusers keys (`<module>.lora.down.weight`, no `unet.` prefix)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
@@ -92,8 +92,6 @@ def save_lora(components, unet: nn.Module, output_dir: str | Path) -> Path:
     Goes through the pipeline class's own save_lora_weights (which adds the `unet.` prefix) and
     always stores the adapter config as metadata, so alpha != r survives the round trip.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     pipeline_class = StableDiffusionXLPipeline if components.is_sdxl else StableDiffusionPipeline
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
     metadata = unet.peft_config["default"].to_dict()

@@ -1,4 +1,4 @@
-"""The two losses of CA-LoRA (METHOD.md), as plain torch functions.
+"""The two losses of CA-LoRA (docs/method.md), as plain torch functions.
 
     x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps
     L_diff    = || eps_theta(x_t, c, t) - target ||^2        (target = eps, or v for v-prediction)

@@ -11,11 +11,21 @@ import functools
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
+import diffusers
 import numpy as np
 import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from huggingface_hub import constants
+from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                          CLIPTokenizer)
+
+from .errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The project's own pretrained toy model (see the toy world issue), a standard diffusers directory.
@@ -29,7 +39,6 @@ TOKENIZER_WORDS = (
     "road sidewalk building wall fence pole traffic light sign vegetation terrain sky rider car "
     "truck bus train motorcycle bicycle"
 ).split()
-from .errors import UserError
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -56,8 +65,6 @@ class Components:
     @functools.cached_property
     def noise_scheduler(self):
         """The training-time DDPM view of the same noise schedule (built once)."""
-        from diffusers import DDPMScheduler
-
         return DDPMScheduler.from_config(self.scheduler.config)
 
     @property
@@ -66,8 +73,6 @@ class Components:
 
     def pipeline(self, **extra):
         """A stock diffusers text-to-image pipeline over these (shared, not copied) modules."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
         if self.is_sdxl:
             return StableDiffusionXLPipeline(
                 vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
@@ -107,8 +112,6 @@ def build_tokenizer(words=TOKENIZER_WORDS, model_max_length: int = 77):
     Built in code, so no vocabulary file has to be downloaded; saved with save_pretrained it
     loads back with CLIPTokenizer.from_pretrained like any other.
     """
-    from transformers import CLIPTokenizer
-
     chars = _bytes_to_unicode()
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in chars:
@@ -145,8 +148,6 @@ def build_tokenizer(words=TOKENIZER_WORDS, model_max_length: int = 77):
 
 
 def _text_encoder_config(vocab_size: int, hidden_size: int = 32, projection_dim: int = 32):
-    from transformers import CLIPTextConfig
-
     return CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
@@ -155,8 +156,6 @@ def _text_encoder_config(vocab_size: int, hidden_size: int = 32, projection_dim:
 
 
 def _sd_scheduler():
-    from diffusers import DDIMScheduler
-
     # SD-1.5's schedule; clip_sample=False as in every SD scheduler config.
     return DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -169,9 +168,6 @@ def build_tiny(seed: int = 0, sdxl: bool = False) -> Components:
     UNet: two cross-attention down/up blocks (32, 64 channels) + mid block, 7 transformer blocks,
     56 candidate projections; VAE f=4 (64x64 images -> 4x16x16 latents); 2-layer CLIP text encoder.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -211,9 +207,6 @@ def build_tiny(seed: int = 0, sdxl: bool = False) -> Components:
 
 
 def _load_pretrained(path_or_id: str, local_only: bool) -> Components:
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
     kw = dict(local_files_only=local_only)
     index = DiffusionPipeline.load_config(path_or_id, **kw)
     unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet", **kw)
@@ -221,8 +214,6 @@ def _load_pretrained(path_or_id: str, local_only: bool) -> Components:
     text_encoder = CLIPTextModel.from_pretrained(path_or_id, subfolder="text_encoder", **kw)
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, subfolder="tokenizer", **kw)
     scheduler_class = index.get("scheduler", [None, "DDIMScheduler"])[1]
-    import diffusers
-
     scheduler = getattr(diffusers, scheduler_class).from_pretrained(path_or_id, subfolder="scheduler", **kw)
     text_encoder_2 = tokenizer_2 = None
     if "text_encoder_2" in index:
@@ -238,11 +229,6 @@ def _load_pretrained(path_or_id: str, local_only: bool) -> Components:
 
 def _check_hub_reachable(model: str, timeout: float = 3.0) -> None:
     """One quick TCP connect to the hub, so an offline machine fails in seconds, not after retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
     url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
@@ -300,8 +286,6 @@ def _target(model: str) -> str:
 def load_unet_skeleton(model: str, seed: int = 0) -> torch.nn.Module:
     """The UNet's module tree without its weights (meta device): enough to list and check the
     candidate projections in a job's driver before any worker loads the real model."""
-    from diffusers import UNet2DConditionModel
-
     if model in TINY_PRESETS:
         return build_tiny(seed, sdxl=model == "tiny-sdxl").unet
 

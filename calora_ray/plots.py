@@ -1,10 +1,13 @@
-"""Figures a person looks at instead of reading JSON: sensitivity by block, loss curves."""
+"""Figures a person looks at instead of reading JSON: sensitivity by block, loss curves, and
+`image_grid`, the one maker of labelled image grids (samples, validation images, previews)."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
+from PIL import Image, ImageDraw
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -73,3 +76,23 @@ def plot_loss(steps: list[int], losses: list[float], path: str | Path, title: st
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def image_grid(rows: list[list[Image.Image]], labels: list[str], cell: int | None = None) -> Image.Image:
+    """Rows of images, each row under its wrapped label (e.g. the prompt). Nearest-neighbour
+    upscaling keeps small images (32-64 px) readable; cells are at least 128 px."""
+    size = max(img.size[0] for row in rows for img in row)
+    cell = cell or max(128, size)
+    cols = max(len(row) for row in rows)
+    wrapped = [textwrap.wrap(label, width=max(20, cols * cell // 7))[:3] for label in labels]
+    strip = [12 * len(lines) + 6 for lines in wrapped]
+    grid = Image.new("RGB", (cols * cell, sum(cell + h for h in strip)), "white")
+    draw = ImageDraw.Draw(grid)
+    y = 0
+    for row, lines, h in zip(rows, wrapped, strip):
+        for j, line in enumerate(lines):
+            draw.text((3, y + 3 + 12 * j), line, fill="black")
+        for i, img in enumerate(row):
+            grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (i * cell, y + h))
+        y += h + cell
+    return grid

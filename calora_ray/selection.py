@@ -1,4 +1,4 @@
-"""Which projections get LoRA (METHOD.md, stage 2): top-k% by score, and the paper's baselines.
+"""Which projections get LoRA (docs/method.md, stage 2): top-k% by score, and the paper's baselines.
 
 Plain functions over {module name: value} dicts; no torch, no I/O.
 """
