@@ -30,13 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from calora_ray.data.labels import IGNORE_INDEX, NUM_CLASSES
+from calora_ray.datasets import open_dataset
+from calora_ray.metrics import confusion_matrix, mean_iou
+from calora_ray.toyworld.city import DOMAINS as CITY_DOMAINS
 from calora_ray.toyworld.world import CONDITIONS, STYLES, VIEWPOINTS
 
 PROBE_VERSION = 1
-DOMAINS = ("world", "target", "source")
+DOMAINS = ("world", *CITY_DOMAINS)   # ("world", "target", "source")
 HEADS: dict[str, tuple[str, ...]] = {"style": STYLES, "viewpoint": VIEWPOINTS, "condition": CONDITIONS,
                                      "domain": DOMAINS}
 ATTRIBUTES = ("style", "viewpoint", "condition")   # what a prompt can ask for
@@ -156,8 +161,6 @@ def render_probe_data(cfg: ProbeTrainConfig, held_out: bool = False) -> dict[str
     held_out: toy:world val renders (dataset seed 0) and target/source train renders of data_seed + 1
     (the target's val split, the held-out split of the experiments, is never used).
     """
-    from calora_ray.data import open_dataset
-
     r = cfg.resolution
     if held_out:
         n = cfg.eval_images
@@ -211,8 +214,6 @@ def _losses(out: dict, batch: dict) -> torch.Tensor:
 
 def evaluate(probe: Probe, data: dict[str, np.ndarray]) -> dict:
     """Held-out accuracy per head (over renders that have the target) and segmentation mIoU."""
-    from calora_ray.metrics import confusion_matrix, mean_iou
-
     out = probe.predict(data["images"])
     result = {}
     for name, values in HEADS.items():
@@ -237,8 +238,6 @@ def train_probe(cfg: ProbeTrainConfig, progress: bool = True) -> tuple[ProbeNet,
 
 
 def _train_probe(cfg: ProbeTrainConfig, progress: bool) -> tuple[ProbeNet, dict]:
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     data = render_probe_data(cfg)
     render_s = time.perf_counter() - t0
@@ -276,8 +275,6 @@ def _train_probe(cfg: ProbeTrainConfig, progress: bool) -> tuple[ProbeNet, dict]
 
 def save_probe(net: ProbeNet, record: dict, directory: Path) -> None:
     """Weights and record, each written to a temporary name and renamed (a reader never sees half)."""
-    from safetensors.torch import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{WEIGHTS_NAME}.{os.getpid()}.tmp"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
@@ -291,8 +288,6 @@ def load_probe(directory: str | Path | None = None, config: ProbeTrainConfig | N
                train_if_missing: bool = True, progress: bool = True) -> Probe:
     """The probe cached in `directory` (default: default_probe_dir()), trained and cached first when
     it is absent or was trained with another configuration."""
-    from safetensors.torch import load_file
-
     cfg = config or ProbeTrainConfig()
     directory = Path(directory) if directory is not None else default_probe_dir()
     record_path, weights_path = directory / RECORD_NAME, directory / WEIGHTS_NAME

@@ -1,4 +1,5 @@
-"""Tests for calora_ray.data: labels, the toy city renderer, Cityscapes-layout reading, datasets."""
+"""Tests for calora_ray.data (labels, Cityscapes-layout reading), the toy city renderer
+(calora_ray.toyworld.city) and calora_ray.datasets."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calora_ray.data import SegmentationDataset, open_dataset, resize_and_crop
 from calora_ray.data.cityscapes import find_pairs, load_pair
 from calora_ray.data.labels import (
     CLASS_NAMES, IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES, PALETTE, TRAIN_ID_TO_LABEL_ID,
     LabelError, class_names_present, colorize, label_ids_to_train_ids, validate_label,
 )
-from calora_ray.data.toycity import DOMAINS, render_scene
+from calora_ray.datasets import SegmentationDataset, open_dataset, resize_and_crop
+from calora_ray.toyworld.city import DOMAINS, render_scene
 
 ROAD, SIDEWALK, BUILDING, VEGETATION, SKY, PERSON, CAR = 0, 1, 2, 8, 10, 11, 13
 ALLOWED = set(range(NUM_CLASSES)) | {IGNORE_INDEX}

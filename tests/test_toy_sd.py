@@ -9,9 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from calora_ray.models import TOY_SD_DIR, ModelLoadError, load_components
+from calora_ray.concepts import resolve_concept
+from calora_ray.datasets import open_dataset
+from calora_ray.models import (
+    TOY_SD_DIR,
+    ModelLoadError,
+    decode_latents,
+    encode_images,
+    encode_prompts,
+    load_components,
+)
+from calora_ray.scoring import score_samples
+from calora_ray.selection import select_top_k
+from calora_ray.sensitivity import find_candidates
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "models" / "toy-sd"
@@ -40,8 +53,6 @@ def test_preset_is_the_committed_directory():
 
 
 def test_stock_pipelines_load_it_offline_and_sample_deterministically(monkeypatch):
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = StableDiffusionPipeline.from_pretrained(str(TOY))
     pipe.set_progress_bar_config(disable=True)
@@ -87,11 +98,6 @@ def _spearman(a: dict, b: dict) -> float:
 
 def test_scoring_on_toy_sd_is_concept_specific_and_stable(toy):
     """The style and viewpoint selections differ; the normalised ranking barely moves with the seed."""
-    from calora_ray.concepts import resolve_concept
-    from calora_ray.scoring import score_samples
-    from calora_ray.selection import select_top_k
-    from calora_ray.sensitivity import find_candidates
-
     candidates = find_candidates(toy.unet)
     scores = {}
     for concept in ("style", "viewpoint"):
@@ -112,8 +118,6 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
 
 
 def test_overlong_prompt_is_truncated_with_a_warning(toy, caplog):
-    from calora_ray.models import encode_prompts
-
     long_prompt = STREET + " with " + ", ".join(["road", "building", "car"] * 40)
     assert len(toy.tokenizer(long_prompt).input_ids) > toy.tokenizer.model_max_length
     pipe = toy.pipeline()
@@ -128,9 +132,6 @@ def test_overlong_prompt_is_truncated_with_a_warning(toy, caplog):
 
 
 def test_decode_latents_inverts_encode_images(toy):
-    from calora_ray.data import open_dataset
-    from calora_ray.models import decode_latents, encode_images
-
     world = open_dataset("toy:world", split="val", num_images=8, resolution=64)
     images = np.stack([world[i]["image"] for i in range(8)])
     with torch.no_grad():

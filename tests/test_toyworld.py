@@ -1,4 +1,4 @@
-"""Tests for the pretraining world (calora_ray.toyworld) and its renderer (data.toycity.render_world)."""
+"""Tests for the pretraining world (calora_ray.toyworld) and its renderer (toyworld.world_render.render_world)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,25 @@ from functools import cache
 import numpy as np
 import pytest
 
-from calora_ray.data import TOY_WORLD_DEFAULT_NUM_IMAGES, open_dataset, toy_render_seed
+from calora_ray.concepts import join_class_names
 from calora_ray.data.labels import (
     CLASS_NAMES,
     IGNORE_INDEX,
     NUM_CLASSES,
     class_names_present,
 )
-from calora_ray.data.toycity import WORLD_HORIZON_MAX, render_scene, render_world
+from calora_ray.datasets import TOY_WORLD_DEFAULT_NUM_IMAGES, open_dataset
 from calora_ray.toyworld import (
     CONDITIONS,
     STYLES,
     VIEWPOINTS,
+    WORLD_HORIZON_MAX,
     caption,
-    join_class_names,
+    render_scene,
+    render_world,
     render_world_sample,
     sample_attributes,
+    toy_render_seed,
 )
 
 ROAD, SIDEWALK, TERRAIN, SKY = 0, 1, 9, 10

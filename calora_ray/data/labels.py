@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from calora_ray.errors import UserError
+
 CLASS_NAMES: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
     "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
@@ -39,7 +41,6 @@ _TRAIN_LABELS = (
     (32, 17, (0, 0, 230)),      # motorcycle
     (33, 18, (119, 11, 32)),    # bicycle
 )
-from calora_ray.errors import UserError
 
 PALETTE = np.zeros((256, 3), dtype=np.uint8)
 LABEL_ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
@@ -56,6 +57,11 @@ TRAIN_ID_TO_LABEL_ID.flags.writeable = False
 
 class LabelError(UserError, ValueError):
     """A label map that is not a valid HxW train-id map; the message names the file."""
+
+
+class MaskError(UserError, ValueError):
+    """A label map read from a file (a --masks entry, a dataset's label file) that cannot be used;
+    the message names it and says why."""
 
 
 def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:

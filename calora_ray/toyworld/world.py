@@ -1,7 +1,8 @@
-"""The pretraining world: captioned renders of streets under controllable concepts.
+"""The pretraining world's concepts: its styles, viewpoints and conditions, the captions that name
+them, and which of them each sample shows.
 
-Every sample is a street (calora_ray.data.toycity) rendered in one style, from one viewpoint,
-under one condition, with a label map and a caption in the paper's prompt shapes:
+Every sample is a street rendered (calora_ray.toyworld.world_render) in one style, from one
+viewpoint, under one condition, with a label map and a caption in the paper's prompt shapes:
 
     {Photorealistic first-person urban street view | Sketch of first-person urban street view |
      Photorealistic urban street in top-down view | Sketch of urban street in top-down view}
@@ -16,17 +17,11 @@ from __future__ import annotations
 import numpy as np
 
 from calora_ray.concepts import join_class_names
-from calora_ray.data.labels import class_names_present
-from calora_ray.data.toycity import (
-    WORLD_CONDITIONS,
-    WORLD_STYLES,
-    WORLD_VIEWPOINTS,
-    render_world,
-)
+from calora_ray.toyworld.splits import toy_render_seed
 
-STYLES: tuple[str, ...] = WORLD_STYLES            # ("photorealistic", "sketch")
-VIEWPOINTS: tuple[str, ...] = WORLD_VIEWPOINTS    # ("first-person", "top-down")
-CONDITIONS: tuple[str, ...] = WORLD_CONDITIONS    # ("clear", "foggy", "night", "rainy", "snowy")
+STYLES: tuple[str, ...] = ("photorealistic", "sketch")
+VIEWPOINTS: tuple[str, ...] = ("first-person", "top-down")
+CONDITIONS: tuple[str, ...] = ("clear", "foggy", "night", "rainy", "snowy")
 
 BASE_PROMPTS: dict[tuple[str, str], str] = {
     ("photorealistic", "first-person"): "Photorealistic first-person urban street view",
@@ -114,38 +109,7 @@ def parse_caption(text: str) -> dict:
     return {"style": style, "viewpoint": viewpoint, "condition": condition}
 
 
-def render_world_sample(seed: int, size: int | tuple[int, int] = 64) -> dict:
-    """World sample `seed`: dict(image HxWx3 uint8, label HxW uint8 train ids, caption, style,
-    viewpoint, condition). The caption names the classes present in the label (train-id order)
-    when the sample's with_classes is set, and its condition unless it is clear weather left unsaid.
-    """
-    a = sample_attributes(seed)
-    image, label = render_world(seed, a["style"], a["viewpoint"], a["condition"], size)
-    names = class_names_present(label, CAPTION_MIN_FRACTION) if a["with_classes"] else None
-    text = caption(a["style"], a["viewpoint"], a["condition"] if a["with_condition"] else None, names)
-    return {"image": image, "label": label, "caption": text, "style": a["style"], "viewpoint": a["viewpoint"],
-            "condition": a["condition"]}
-
-
 def first_person_indices(split: str, num_images: int) -> list[int]:
     """Indices among the first `num_images` of toy:world's `split` whose sample is first-person
     (about half), known from the seeds alone: nothing is rendered."""
-    from calora_ray.data import toy_render_seed  # calora_ray.data imports this module lazily
-
     return [i for i in range(num_images) if sample_attributes(toy_render_seed(split, i))["viewpoint"] == "first-person"]
-
-
-__all__ = [
-    "BASE_PROMPTS",
-    "CONDITIONS",
-    "CONDITION_PHRASES",
-    "STYLES",
-    "VIEWPOINTS",
-    "caption",
-    "first_person_indices",
-    "join_class_names",
-    "parse_caption",
-    "render_world",
-    "render_world_sample",
-    "sample_attributes",
-]

@@ -1,0 +1,257 @@
+"""Mask sources for jobs/generate.py: label maps (train ids) by reference, checked, from anywhere.
+
+A source is listed into *refs* (MaskRef: where one mask lies; nothing is decoded), checked once by
+the driver (`check_masks`: bad masks are skipped with a reason, or with strict=True the first one
+fails the job naming it), and loaded again, by ref, by whichever worker needs the mask (`MaskReader`).
+str(ref) is what a generated row's `mask` column and manifest.json store; MaskRef.parse reads it back.
+
+Sources (`--masks`):
+- "toy" / "toy:target" / "toy:source" / "toy:world": the labels of the toy datasets' renders,
+  ref "toy:target:train:12@64" (dataset, split, index, render size).
+- a Cityscapes-layout directory (a path or any fsspec URI): gtFine/<split>/<city>/
+  *_gtFine_labelIds.png (labelIds, mapped to train ids), or *_gtFine_labelTrainIds.png where a
+  directory has no labelIds files; ref = the file's URI. Images are not needed.
+- Parquet: a .parquet file or a directory of them (this job's output: its committed shards; or a
+  user's, as calora_ray.shards.parquet_files lists them) with a `label` column of PNG-encoded
+  train-id maps; ref "<file URI>#<row>".
+
+Bad inputs, each skipped with its reason: not a PNG (or not decodable), a colour image instead of
+a single-channel id map, ids outside the class set (0..18 and 255; labelIds 0..33 before mapping),
+a shorter side than the generation resolution (labels are only ever downscaled, nearest-neighbour).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from calora_ray.data.cityscapes import LABEL_SUFFIX, TRAIN_IDS_SUFFIX
+from calora_ray.data.labels import MaskError
+from calora_ray.data.png import decode_label_png
+from calora_ray.datasets import open_dataset
+from calora_ray.errors import UserFileNotFoundError, UserValueError
+from calora_ray.shards import parquet_files, url_to_fs
+from calora_ray.toyworld.splits import TOY_SEED_STRIDE
+
+LABEL_COLUMN = "label"
+MASK_KINDS = {"toy": ("index", "split", "resolution"), "file": (), "parquet": ("index",)}  # kind -> fields beside uri
+
+
+@dataclass(frozen=True)
+class MaskRef:
+    """Where one mask lies. str(ref) is the text a generated row's `mask` column stores:
+
+    kind "toy":     uri = the toy dataset ("toy:target"), split, index = its sample, resolution =
+                    the render size                                   -> "toy:target:train:12@64"
+    kind "file":    uri = the label PNG's URI (a Cityscapes-layout file) -> "<uri>"
+    kind "parquet": uri = the Parquet file's URI, index = the row       -> "<uri>#<row>"
+
+    Build one with MaskRef.toy / .file / .parquet, or read the text back with MaskRef.parse.
+    """
+
+    kind: str
+    uri: str
+    index: int | None = None
+    split: str | None = None
+    resolution: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in MASK_KINDS:
+            raise ValueError(f"MaskRef kind must be one of {', '.join(MASK_KINDS)}, got {self.kind!r}")
+        given = tuple(name for name in ("index", "split", "resolution") if getattr(self, name) is not None)
+        if given != MASK_KINDS[self.kind]:
+            fields = ", ".join(MASK_KINDS[self.kind]) or "nothing else"
+            raise ValueError(f"a {self.kind} MaskRef takes uri and {fields}; got {self!r}")
+
+    @classmethod
+    def toy(cls, dataset: str, split: str, index: int, resolution: int) -> MaskRef:
+        """Sample `index` of the toy dataset `dataset` ("toy:target") `split`, rendered at `resolution`."""
+        return cls("toy", dataset, int(index), split, int(resolution))
+
+    @classmethod
+    def file(cls, uri: str) -> MaskRef:
+        """A label PNG (labelIds when its name ends in _gtFine_labelIds.png, else train ids)."""
+        return cls("file", uri)
+
+    @classmethod
+    def parquet(cls, uri: str, row: int) -> MaskRef:
+        """The `label` cell of row `row` of the Parquet file `uri`."""
+        return cls("parquet", uri, int(row))
+
+    @classmethod
+    def parse(cls, text: str) -> MaskRef:
+        """The MaskRef whose str() is `text`: "toy:..." is a toy ref, "<...>.parquet#<row>" a
+        Parquet row, anything else a file URI. MaskError when a toy or Parquet ref is malformed."""
+        if text.startswith("toy:"):
+            body, at, size = text.partition("@")
+            parts = body.split(":")
+            if not (at and len(parts) == 4 and parts[3].isdigit() and size.isdigit()):
+                raise MaskError(f"{text}: not a toy mask reference (toy:<domain>:<split>:<index>@<size>)")
+            return cls.toy(f"toy:{parts[1]}", parts[2], int(parts[3]), int(size))
+        uri, hash_, row = text.rpartition("#")
+        if hash_ and uri.endswith(".parquet"):
+            if not row.isdigit():
+                raise MaskError(f"{text}: not a Parquet mask reference (<file>.parquet#<row>)")
+            return cls.parquet(uri, int(row))
+        return cls.file(text)
+
+    def __str__(self) -> str:
+        if self.kind == "toy":
+            return f"{self.uri}:{self.split}:{self.index}@{self.resolution}"
+        if self.kind == "parquet":
+            return f"{self.uri}#{self.index}"
+        return self.uri
+
+
+def _uri(fs, path: str) -> str:
+    """A URI that url_to_fs maps back to (fs, path): plain for local files, protocol:// otherwise."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
+
+
+def list_masks(source: str, split: str = "train", num_masks: int | None = None,
+               resolution: int = 64) -> list[MaskRef]:
+    """The refs of the masks of `source` (see the module docstring), sorted; the first `num_masks`.
+
+    Toy sources render their labels at `resolution`; their default count is the toy dataset's
+    (30 train / 100 val; toy:world 8000 / 500).
+    """
+    if source == "toy" or source.startswith("toy:"):
+        ds = open_dataset(source, split=split, num_images=num_masks, resolution=None)  # checks the name
+        return [MaskRef.toy(ds.source, split, i, resolution) for i in range(len(ds))]
+    fs, root = url_to_fs(source)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        raise UserFileNotFoundError(f"--masks {source}: no such file or directory (expected toy, toy:target, a "
+                                    "Cityscapes-layout directory or Parquet shards)")
+    if fs.isdir(f"{root}/gtFine"):
+        split_dir = f"{root}/gtFine/{split}"
+        if not fs.isdir(split_dir):
+            raise UserFileNotFoundError(f"--masks {source}: no gtFine/{split} directory (--split {split})")
+        files = (sorted(fs.glob(f"{split_dir}/*/*{LABEL_SUFFIX}"))
+                 or sorted(fs.glob(f"{split_dir}/*/*{TRAIN_IDS_SUFFIX}")))
+        # a file with the right name that is no PNG is listed (and skipped later with its reason)
+        refs = [MaskRef.file(_uri(fs, f)) for f in files]
+    else:
+        fs, files = parquet_files(source)
+        if not files:
+            raise UserFileNotFoundError(f"--masks {source}: neither a Cityscapes-layout directory (gtFine/{split}/"
+                                        f"<city>/*{LABEL_SUFFIX}) nor Parquet files with a '{LABEL_COLUMN}' column")
+        refs = _parquet_refs(fs, files)
+    if not refs:
+        raise UserValueError(f"--masks {source}: holds no masks")
+    return refs[:num_masks] if num_masks is not None else refs
+
+
+def _parquet_refs(fs, files: list[str]) -> list[MaskRef]:
+    refs = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+            if LABEL_COLUMN not in meta.schema.names:
+                raise UserValueError(f"--masks {_uri(fs, f)}: Parquet file without a '{LABEL_COLUMN}' column "
+                                     f"(columns: {', '.join(meta.schema.names)})")
+            refs += [MaskRef.parquet(_uri(fs, f), row) for row in range(meta.num_rows)]
+    return refs
+
+
+class MaskReader:
+    """Loads masks by ref. Keeps the last few Parquet row groups, since consecutive samples use
+    consecutive masks; holds no state that matters (one per worker)."""
+
+    def __init__(self, cache_row_groups: int = 4):
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = cache_row_groups
+        self._toy: dict = {}
+
+    def load(self, ref: MaskRef | str) -> np.ndarray:
+        """HxW uint8 train ids of `ref` (a str is parsed: what a row's `mask` column holds);
+        MaskError (naming the ref) when it is unusable."""
+        if isinstance(ref, str):
+            ref = MaskRef.parse(ref)
+        if ref.kind == "toy":
+            return self._load_toy(ref)
+        if ref.kind == "parquet":
+            return decode_label_png(self._parquet_cell(ref.uri, ref.index), name=f"{ref.uri} row {ref.index}")
+        fs, path = url_to_fs(ref.uri)
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            raise MaskError(f"{ref}: file not found") from None
+        return decode_label_png(data, name=str(ref), label_ids=path.endswith(LABEL_SUFFIX))
+
+    def _load_toy(self, ref: MaskRef) -> np.ndarray:
+        key = (ref.uri, ref.split, ref.resolution)
+        if key not in self._toy:
+            self._toy[key] = open_dataset(ref.uri, split=ref.split, num_images=TOY_SEED_STRIDE,
+                                          resolution=ref.resolution)
+        return self._toy[key][ref.index]["label"]
+
+    def _parquet_cell(self, uri: str, row: int) -> bytes:
+        fs, path = url_to_fs(uri)
+        key = (uri, "meta")
+        if key not in self._cache:
+            with fs.open(path, "rb") as fh:
+                self._remember(key, pq.ParquetFile(fh).metadata)
+        meta = self._cache[key]
+        start = 0
+        for group in range(meta.num_row_groups):
+            n = meta.row_group(group).num_rows
+            if row < start + n:
+                break
+            start += n
+        else:
+            raise MaskError(f"{uri} row {row}: the file has only {meta.num_rows} rows")
+        gkey = (uri, group)
+        if gkey not in self._cache:
+            with fs.open(path, "rb") as fh:
+                self._remember(gkey, pq.ParquetFile(fh).read_row_group(group, columns=[LABEL_COLUMN]).column(0))
+        self._cache.move_to_end(gkey)
+        value = self._cache[gkey][row - start].as_py()
+        if not isinstance(value, (bytes, bytearray)):
+            raise MaskError(f"{uri} row {row}: '{LABEL_COLUMN}' is not PNG bytes (got {type(value).__name__})")
+        return bytes(value)
+
+    def _remember(self, key, value) -> None:
+        self._cache[key] = value
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+
+def check_mask(reader: MaskReader, ref: MaskRef, resolution: int) -> str | None:
+    """None if `ref` is a usable mask for images of `resolution`, else the reason it is not."""
+    try:
+        label = reader.load(ref)
+    except MaskError as e:
+        return str(e)
+    h, w = label.shape
+    if min(h, w) < resolution:
+        return (f"{ref}: {w}x{h} is smaller than --resolution {resolution} (labels are only ever "
+                "downscaled, nearest-neighbour)")
+    return None
+
+
+def check_masks(refs: list[MaskRef], resolution: int, strict: bool = False,
+                threads: int = 8) -> tuple[list[MaskRef], list[dict]]:
+    """(usable refs in order, skipped [{"mask": str(ref), "reason": ...}]). Decodes every mask once,
+    in `threads` threads, keeping none of them. strict: the first bad mask raises MaskError."""
+    def check(chunk):
+        reader = MaskReader()
+        return [check_mask(reader, ref, resolution) for ref in chunk]
+
+    chunks = [refs[i:i + 64] for i in range(0, len(refs), 64)]
+    good, skipped = [], []
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for chunk, reasons in zip(chunks, pool.map(check, chunks)):
+            for ref, reason in zip(chunk, reasons):
+                if reason is None:
+                    good.append(ref)
+                elif strict:
+                    raise MaskError(f"--strict: bad mask {reason}")
+                else:
+                    skipped.append({"mask": str(ref), "reason": reason})
+    return good, skipped
