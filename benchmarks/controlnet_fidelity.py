@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from calora_ray.data import open_dataset  # noqa: E402
+from calora_ray.datasets import open_dataset  # noqa: E402
 from calora_ray.data.labels import NUM_CLASSES, colorize  # noqa: E402
 from calora_ray.generation import MaskGenerator, build_prompt  # noqa: E402
 from calora_ray.metrics import confusion_matrix, mean_iou  # noqa: E402

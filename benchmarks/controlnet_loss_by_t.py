@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from calora_ray.data import open_dataset  # noqa: E402
+from calora_ray.datasets import open_dataset  # noqa: E402
 from calora_ray.generation import control_tensor  # noqa: E402
 from calora_ray.losses import diffusion_target, noisy_latents  # noqa: E402
 from calora_ray.models import encode_images, encode_prompts, load_components  # noqa: E402

@@ -32,7 +32,7 @@ def main(argv=None):
     from diffusers import ControlNetModel
 
     from calora_ray.config import GenerateConfig, build_config
-    from calora_ray.data import open_dataset
+    from calora_ray.datasets import open_dataset
     from calora_ray.generation import (
         MaskGenerator,
         ShardGenerator,
@@ -73,7 +73,7 @@ def main(argv=None):
 
     cfg = build_config(GenerateConfig, {"model": "tiny", "controlnet": str(controlnet_dir), "num_samples": 8,
                                         "rows_per_shard": 8, "steps": 5, "output": str(out / "shards")})
-    from calora_ray.data.masks import list_masks
+    from calora_ray.masks import list_masks
     from calora_ray.shards import ShardStore, read_dataset
 
     ShardStore(cfg.output).prepare({"check": True}, overwrite=True)

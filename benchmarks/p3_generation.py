@@ -71,7 +71,7 @@ def child(args) -> None:
         actor_rss = summary["actor_peak_rss_mb"]
         ray.shutdown()
     else:
-        from calora_ray.data.masks import check_masks, list_masks
+        from calora_ray.masks import check_masks, list_masks
         from calora_ray.generation import ShardGenerator
 
         masks, _ = check_masks(list_masks("toy", "train", None, 64), 64)

@@ -19,21 +19,30 @@ format jobs/generate.py writes. Both may live on any fsspec URI.
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import posixpath
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers import CLIPModel, CLIPProcessor
 
-from calora_ray import __version__
-from calora_ray.config import MeasureConfig, to_dict
-from calora_ray.data.labels import NUM_CLASSES
-from calora_ray.metrics import adherence, confusion_matrix, kernel_mmd, mean_iou, nearest_distances
-from calora_ray.toyworld.world import parse_caption
+from . import __version__
+from .config import MeasureConfig, SampleConfig, build_config
+from .data.labels import CLASS_NAMES, NUM_CLASSES
+from .data.png import decode_image, decode_label_png
+from .datasets import TOY_SOURCES, open_dataset
+from .errors import UserFileNotFoundError, UserValueError
+from .metrics import adherence, confusion_matrix, kernel_mmd, mean_iou, nearest_distances
+from .models import ModelLoadError
+from .probe import ATTRIBUTES, load_probe
+from .sampling import run_sampling
+from .shards import parquet_files, read_table, url_to_fs
+from .toyworld.world import BASE_PROMPTS, CONDITION_PHRASES, parse_caption
 
 CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0   # CMMD (Jayasumana et al. 2024): RBF sigma 10 on CLIP embeddings, x1000
 
@@ -52,79 +61,47 @@ class SampleSet:
 # ----------------------------------------------------------------------------- reading samples
 
 
-def _fs(uri: str):
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs, path
-
-
-def _decode_png(data: bytes, what: str, mode: str | None = None) -> np.ndarray:
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as exc:  # PIL raises several types for bad bytes
-        raise ValueError(f"{what}: not a readable image ({exc})") from None
-    return np.asarray(img.convert(mode) if mode else img)
-
-
 def read_samples(uri: str, max_samples: int | None = None) -> SampleSet:
     """A jobs/sample.py directory (samples.json) or Parquet shards (*.parquet under uri, or one file)."""
-    fs, path = _fs(uri)
+    fs, path = url_to_fs(uri)
     if not fs.exists(path):
-        raise FileNotFoundError(f"--samples {uri}: does not exist")
+        raise UserFileNotFoundError(f"--samples {uri}: does not exist")
     if fs.isdir(path) and fs.exists(posixpath.join(path, "samples.json")):
         record = json.loads(fs.cat_file(posixpath.join(path, "samples.json")))
         entries = record["images"][:max_samples]
-        images = [_decode_png(fs.cat_file(posixpath.join(path, e["file"])), f"{uri}/{e['file']}", "RGB")
+        images = [decode_image(fs.cat_file(posixpath.join(path, e["file"])), f"{uri}/{e['file']}", "RGB")
                   for e in entries]
         prompts = [e["prompt"] for e in entries]
         meta = {k: record.get(k) for k in ("model", "lora", "lora_sha256")}
         return SampleSet(_stack(images, uri), prompts, None, uri, meta)
-    files = sorted(f for f in (fs.find(path) if fs.isdir(path) else [path]) if f.endswith(".parquet"))
+    _, files = parquet_files(uri)
     if not files:
-        raise ValueError(f"--samples {uri}: neither a jobs/sample.py output (samples.json) nor Parquet shards")
-    return _read_parquet(fs, files, uri, max_samples)
-
-
-def _read_parquet(fs, files: list[str], uri: str, max_samples: int | None) -> SampleSet:
-    import pyarrow.parquet as pq
-
-    images, prompts, labels, models = [], [], [], set()
-    for f in files:
-        with fs.open(f, "rb") as handle:
-            table = pq.read_table(handle)
-        if "image" not in table.column_names or "prompt" not in table.column_names:
-            raise ValueError(f"--samples {uri}: {f} lacks an 'image' or 'prompt' column "
+        raise UserValueError(f"--samples {uri}: neither a jobs/sample.py output (samples.json) nor Parquet shards")
+    table = read_table(uri, max_rows=max_samples)
+    if "image" not in table.column_names or "prompt" not in table.column_names:
+        raise UserValueError(f"--samples {uri}: lacks an 'image' or 'prompt' column "
                              f"(has {', '.join(table.column_names)})")
-        has_label = "label" in table.column_names
-        cols = table.to_pydict()
-        for i in range(table.num_rows):
-            if max_samples is not None and len(images) >= max_samples:
-                break
-            images.append(_decode_png(cols["image"][i], f"{f} row {i} image", "RGB"))
-            prompts.append(cols["prompt"][i])
-            if has_label:
-                labels.append(_decode_png(cols["label"][i], f"{f} row {i} label"))
-            if "model" in cols:
-                models.add(cols["model"][i])
-    label_array = _stack(labels, uri) if labels and len(labels) == len(images) else None
-    return SampleSet(_stack(images, uri), prompts, label_array, uri, {"model": sorted(models) or None})
+    cols = table.to_pydict()
+    ids = cols.get("sample_id") or [f"row {i}" for i in range(table.num_rows)]
+    images = [decode_image(data, f"{uri} {sid} image", "RGB") for sid, data in zip(ids, cols["image"])]
+    labels = ([decode_label_png(data, f"{uri} {sid} label") for sid, data in zip(ids, cols["label"])]
+              if "label" in cols else [])
+    models = sorted(set(cols.get("model") or [])) or None
+    return SampleSet(_stack(images, uri), cols["prompt"], _stack(labels, uri) if labels else None, uri,
+                     {"model": models})
 
 
 def _stack(arrays: list[np.ndarray], uri: str) -> np.ndarray:
     if not arrays:
-        raise ValueError(f"--samples {uri}: no samples")
+        raise UserValueError(f"--samples {uri}: no samples")
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(f"--samples {uri}: images differ in size ({sorted(shapes)[:3]}); measure one size at a time")
+        raise UserValueError(f"--samples {uri}: images differ in size ({sorted(shapes)[:3]}); measure one size at a time")
     return np.stack(arrays)
 
 
 def _is_sample_output(source: str) -> bool:
     """A URI, a .parquet file, or a directory holding samples.json or Parquet shards."""
-    from pathlib import Path
-
     p = Path(source)
     return ("://" in source or p.suffix == ".parquet"
             or p.is_dir() and ((p / "samples.json").is_file() or any(p.rglob("*.parquet"))))
@@ -133,8 +110,6 @@ def _is_sample_output(source: str) -> bool:
 def read_reference(source: str, split: str, num_images: int, resolution: int) -> np.ndarray:
     """(N, r, r, 3) uint8 reference / training images: a dataset source (toy:…, a Cityscapes-layout
     directory; its `split`) or samples (Parquet shards, a jobs/sample.py output; any fsspec URI)."""
-    from calora_ray.data import TOY_SOURCES, open_dataset
-
     if source in TOY_SOURCES or not _is_sample_output(source):
         dataset = open_dataset(source, split=split, num_images=num_images if source in TOY_SOURCES else None,
                                resolution=resolution)
@@ -159,8 +134,6 @@ def _pixels(images: np.ndarray, resolution: int) -> torch.Tensor:
 
 def probe_metrics(samples: SampleSet, cfg: MeasureConfig) -> dict:
     """Every toy metric the inputs allow, with the probe."""
-    from calora_ray.probe import ATTRIBUTES, load_probe
-
     probe = load_probe(cfg.probe)
     out = probe.predict(samples.images)
     asked = [parse_caption(p) for p in samples.prompts]
@@ -194,8 +167,6 @@ def probe_metrics(samples: SampleSet, cfg: MeasureConfig) -> dict:
     if samples.labels is not None:
         conf = sum(confusion_matrix(s, l, NUM_CLASSES) for s, l in zip(out["segmentation"], samples.labels))
         miou, per_class = mean_iou(conf)
-        from calora_ray.data.labels import CLASS_NAMES
-
         report["label_fidelity"] = {"miou": miou, "per_class_iou": {
             CLASS_NAMES[i]: (None if np.isnan(v) else float(v)) for i, v in enumerate(per_class)}}
     return report
@@ -203,10 +174,6 @@ def probe_metrics(samples: SampleSet, cfg: MeasureConfig) -> dict:
 
 def clip_metrics(samples: SampleSet, cfg: MeasureConfig) -> dict:
     """CMMD to the reference and CLIP-score to the prompts with a real CLIP model (`--clip`)."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    from calora_ray.models import ModelLoadError
-
     try:
         model = CLIPModel.from_pretrained(cfg.clip).eval()
         processor = CLIPProcessor.from_pretrained(cfg.clip)
@@ -242,8 +209,8 @@ def run_measure(cfg: MeasureConfig) -> dict:
                      f"from {cfg.samples}\n")
     report = {"samples": cfg.samples, "num_samples": int(len(samples.images)), **samples.meta}
     report.update(clip_metrics(samples, cfg) if cfg.clip else probe_metrics(samples, cfg))
-    report.update({"config": to_dict(cfg), "calora_ray_version": __version__})
-    fs, path = _fs(cfg.output)
+    report.update({"config": dataclasses.asdict(cfg), "calora_ray_version": __version__})
+    fs, path = url_to_fs(cfg.output)
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -279,10 +246,6 @@ def measure_model(model: str, output: str, *, num_images: int = 8, steps: int = 
                   train_images: int = 8000) -> dict:
     """A model's quality bars in one call: jobs/sample.py over every style x viewpoint x condition
     prompt of the toy world (num_images each), then jobs/measure.py on the result (output/measure.json)."""
-    from calora_ray.config import MeasureConfig, SampleConfig, build_config
-    from calora_ray.sampling import run_sampling
-    from calora_ray.toyworld.world import BASE_PROMPTS, CONDITION_PHRASES
-
     prompts = [base + phrase for base in BASE_PROMPTS.values() for phrase in CONDITION_PHRASES.values()]
     run_sampling(build_config(SampleConfig, {"model": model, "lora": lora, "prompt": prompts, "num_images": num_images,
                                              "seed": seed, "steps": steps, "guidance": guidance,

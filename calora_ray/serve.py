@@ -36,18 +36,32 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections import Counter
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import ray  # this module is the Ray Serve adapter: it always needs Ray
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from ray import serve
+from starlette.exceptions import HTTPException
 
-from .data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE, LabelError, validate_label
-from .toyworld.world import CONDITIONS
 from .config import Limits, ServeConfig, build_config, from_text, load_yaml
-from .errors import UserError
+from .controlnet import controlnet_dir, controlnet_sha256
+from .data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE, LabelError, validate_label
+from .data.png import encode_png
+from .distributed import ensure_ray
+from .errors import UserError, UserValueError
+from .generation import MaskGenerator, build_prompt
+from .lora import lora_file
+from .models import resolve_dtype
+from .toyworld.world import CONDITIONS
 
 logger = logging.getLogger("ray.serve")  # Serve routes this logger to the replica's log file
 
@@ -87,8 +101,6 @@ class SampleRequest:
 def request_model(limits: Limits):
     """The pydantic model of POST /v1/generate's body, its bounds taken from `limits` (so the OpenAPI
     schema at /openapi.json states exactly what the server accepts)."""
-    from pydantic import ConfigDict, Field, create_model
-
     text = dict(max_length=limits.max_body_bytes)
     return create_model(
         "GenerateRequest",
@@ -184,8 +196,6 @@ def decode_label(mask: str | None, colormask: str | None, limits: Limits) -> np.
 
 def decode_request(body, limits: Limits) -> SampleRequest:
     """A body that passed `request_model(limits)` -> a SampleRequest (RequestError on bad input)."""
-    from .generation import build_prompt
-
     label = decode_label(body.mask, body.colormask, limits)
     if body.prompt is not None and body.condition is not None:
         raise RequestError("condition", "give `prompt` or `condition`, not both (the condition only "
@@ -199,8 +209,6 @@ def decode_request(body, limits: Limits) -> SampleRequest:
 
 def parse_request(data: Any, limits: Limits) -> SampleRequest:
     """A JSON value (the decoded body) -> a SampleRequest: the schema check, then `decode_request`."""
-    from pydantic import ValidationError
-
     try:
         body = request_model(limits).model_validate(data)
     except ValidationError as e:
@@ -256,8 +264,6 @@ def generate_batch(generator, requests: list[SampleRequest], max_images_per_call
     time; an image depends only on its own label, prompt and seed, so grouping does not change it.
     A failing call fails only its own requests (their slot holds the exception).
     """
-    from .generation import png_bytes
-
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
         groups.setdefault(r.batch_key, []).append(i)
@@ -284,7 +290,7 @@ def generate_batch(generator, requests: list[SampleRequest], max_images_per_call
             call_sizes.append(len(alive))
             for (i, _), image in zip(alive, images):
                 if not isinstance(results[i], Exception):
-                    results[i].append(png_bytes(image))
+                    results[i].append(encode_png(image))
     return results, call_sizes
 
 
@@ -300,9 +306,6 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from fastapi.responses import JSONResponse
-        from starlette.exceptions import HTTPException
-
         too_large = JSONResponse({"detail": f"body: larger than the maximum of {self.max_bytes} bytes",
                                   "field": "body"}, status_code=413)
         length = dict(scope.get("headers") or []).get(b"content-length")
@@ -325,12 +328,6 @@ class _BodyLimit:
 def build_api(run, info, limits: Limits):
     """The FastAPI app. `run(SampleRequest)` is an async callable returning the PNG bytes of its
     images; `info()` returns the /v1/info document (model, adapters, classes, limits, batching)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel
-    from starlette.exceptions import HTTPException
-
     Body = request_model(limits)
 
     class GenerateResponse(BaseModel):
@@ -404,9 +401,6 @@ def class_table() -> dict:
 
 # ----------------------------------------------------------------------------- the Serve deployment
 
-from ray import serve  # noqa: E402  (below the plain functions, which need no Ray)
-
-
 def limits_dict(limits: Limits) -> dict:
     """The request bounds of a config (a ServeConfig is a Limits), as /v1/info reports them."""
     return {f.name: getattr(limits, f.name) for f in dataclasses.fields(Limits)}
@@ -418,14 +412,6 @@ class SegmentationSampler:
     """One replica: the MaskGenerator, loaded once; concurrent requests generated in batches."""
 
     def __init__(self, cfg: ServeConfig):
-        import torch
-
-        from .generation import MaskGenerator
-        from .lora import file_sha256
-        from .models import resolve_dtype
-
-        import ray
-
         gpu = torch.cuda.is_available()
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)  # what Serve gave this replica
         self.threads = cfg.threads or (1 if gpu else max(1, int(np.ceil(cpus))))
@@ -442,12 +428,10 @@ class SegmentationSampler:
         self.limits = dataclasses.replace(cfg, max_side=max_side, side_multiple=factor)
         self.max_images_per_call = cfg.max_images_per_call
         self.stats = BatchStats()
-        cn = cfg.controlnet
-        cn_weights = os.path.join(cn.removeprefix("file://"), "diffusion_pytorch_model.safetensors")
         self.static_info = {
             "model": cfg.model, "model_seed": cfg.model_seed,
             "lora": cfg.lora, "lora_sha256": self.generator.lora_sha256,
-            "controlnet": cn, "controlnet_sha256": file_sha256(cn_weights) if os.path.isfile(cn_weights) else "",
+            "controlnet": cfg.controlnet, "controlnet_sha256": controlnet_sha256(cfg.controlnet),
             "device": str(device), "dtype": str(self.generator.dtype).removeprefix("torch."),
             "native_resolution": self.generator.native_resolution, **class_table(),
             "limits": limits_dict(self.limits)}
@@ -476,8 +460,6 @@ class SegmentationSampler:
             "replica": serve.get_replica_context().replica_id.unique_id, **self.stats.as_dict()}}
 
     def _run_batch(self, requests: list[SampleRequest]):
-        import torch
-
         torch.set_num_threads(self.threads)  # OpenMP thread counts are per calling thread
         started = time.perf_counter()
         results, call_sizes = generate_batch(self.generator, requests, self.max_images_per_call)
@@ -493,24 +475,18 @@ class SegmentationSampler:
         return [RuntimeError(f"generation failed: {r}") if isinstance(r, Exception) else r for r in results]
 
 
-def check_serve_inputs(cfg) -> None:
+def check_serve_inputs(cfg: ServeConfig) -> None:
     """Fail in the driver, naming the flag, before a replica would crash-loop on a bad path."""
-    from .lora import LORA_WEIGHT_NAME
-
     if cfg.controlnet is None:
-        raise ValueError("--controlnet is required: the segmentation ControlNet (jobs/train_controlnet.py output) "
-                         "makes the mask the image's label")
-    cn = cfg.controlnet.removeprefix("file://")
-    if not os.path.isfile(os.path.join(cn, "config.json")):
-        raise FileNotFoundError(f"--controlnet {cfg.controlnet}: not a diffusers ControlNet directory (no config.json)")
-    if cfg.lora is not None and not os.path.isfile(os.path.join(cfg.lora.removeprefix("file://"), LORA_WEIGHT_NAME)):
-        raise FileNotFoundError(f"--lora {cfg.lora}: no {LORA_WEIGHT_NAME} there (pass a jobs/finetune.py output)")
+        raise UserValueError("--controlnet is required: the segmentation ControlNet (jobs/train_controlnet.py output) "
+                             "makes the mask the image's label")
+    controlnet_dir(cfg.controlnet)
+    if cfg.lora is not None:
+        lora_file(cfg.lora)
 
 
-def application(cfg):
+def application(cfg: ServeConfig):
     """The Serve application of a ServeConfig: replicas, resources, autoscaling, batching knobs."""
-    import ray
-
     check_serve_inputs(cfg)
     # the replicas may start in another working directory: absolute paths travel
     cfg = dataclasses.replace(
@@ -543,10 +519,6 @@ def build_app(args: dict):
 def run_serve(cfg, block: bool = True) -> str:
     """jobs/serve.py: start Serve (HTTP on cfg.host:cfg.port), deploy the app, and (block) serve until
     interrupted; on a local cluster this process started, Ctrl-C shuts everything down. Returns the URL."""
-    import ray
-
-    from .distributed import ensure_ray
-
     check_serve_inputs(cfg)
     url = f"http://{cfg.host}:{cfg.port}"
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")

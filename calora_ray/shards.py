@@ -25,10 +25,16 @@ import json
 import uuid
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
+from .data.labels import CLASS_NAMES, colorize
+from .data.png import decode_image, decode_label_png
 from .errors import UserFileNotFoundError
+from .outputs import RUN_RECORD, prepare_run
+from .plots import image_grid
 
 
 def url_to_fs(uri: str):
@@ -38,26 +44,34 @@ def url_to_fs(uri: str):
 
 DATA_DIR = "data"
 COMMIT_DIR = "_commits"
-RUN_RECORD = "run_config.json"
 MANIFEST = "manifest.json"
 
-# The shard schema (README "Shard format"). `image` / `label` are plain PNG bytes, which every
-# Parquet reader returns as bytes; Hugging Face `datasets` decodes them after
-# .cast_column("image", datasets.Image()) (its schema metadata would need struct<bytes, path> columns).
-SCHEMA = pa.schema([
-    ("sample_id", pa.string()),
-    ("image", pa.binary()),
-    ("label", pa.binary()),
-    ("prompt", pa.string()),
-    ("condition", pa.string()),
-    ("seed", pa.int64()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("class_pixels", pa.list_(pa.int64())),
-    ("model", pa.string()),
-    ("lora_sha256", pa.string()),
-    ("mask", pa.string()),
-])
+# The shard schema: one row per sample, declared once. SCHEMA, the generator's rows
+# (generation.ShardGenerator.make_rows) and the dataset card's column table all come from here.
+# `image` / `label` are plain PNG bytes, which every Parquet reader returns as bytes; Hugging Face
+# `datasets` decodes them after .cast_column("image", datasets.Image()) (its schema metadata would
+# need struct<bytes, path> columns).
+COLUMNS = (
+    ("sample_id", pa.string(), "`s<job seed>-<index>`, unique"),
+    ("image", pa.binary(), "PNG, RGB"),
+    ("label", pa.binary(), "PNG, mode L, uint8 train ids 0..18, 255 = ignore"),
+    ("prompt", pa.string(), "the prompt the image was generated with"),
+    ("condition", pa.string(), "clear / foggy / night / rainy / snowy"),
+    ("seed", pa.int64(), "the image's noise seed (derived from the job seed and the index)"),
+    ("width", pa.int32(), "image (and label) width"),
+    ("height", pa.int32(), "image (and label) height"),
+    ("class_pixels", pa.list_(pa.int64()), "pixels of train id 0..18 (index = id)"),
+    ("model", pa.string(), "the base model"),
+    ("lora_sha256", pa.string(), "sha256 of the LoRA file ('' without one)"),
+    ("mask", pa.string(), "the source mask the label was made from (masks.MaskRef)"),
+)
+SCHEMA = pa.schema([(name, dtype) for name, dtype, _ in COLUMNS])
+
+
+def column_table() -> str:
+    """The card's Markdown table of the columns."""
+    return "\n".join(["| column | type | |", "|---|---|---|"]
+                     + [f"| {name} | {dtype} | {text} |" for name, dtype, text in COLUMNS])
 
 
 def shard_name(index: int) -> str:
@@ -163,30 +177,13 @@ class ShardStore:
         return self.fs.exists(self.root) and bool(self.fs.ls(self.root, detail=False))
 
     def prepare(self, identity: dict, overwrite: bool) -> dict[int, dict]:
-        """Start or resume the run at this URI; returns the completed shards to skip.
-
-        New/empty: the run record is written. Same run (its run_config.json equals `identity`):
-        resumes. Anything else is an error naming what differs; overwrite deletes it first.
-        """
-        if overwrite and self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
-        if self.exists():
-            previous = self.read_json(RUN_RECORD)
-            if previous is None:
-                raise FileExistsError(f"--output {self.uri}: exists and is not a generate run (no {RUN_RECORD}); "
-                                      "pass --overwrite to replace it or choose another --output")
-            identity = json.loads(json.dumps(identity, default=str))
-            changed = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
-            if changed:
-                raise ValueError(f"--output {self.uri} holds a run with a different configuration "
-                                 f"({', '.join(changed)} differ), so it cannot be resumed; pass --overwrite "
-                                 "to start over or choose another --output")
-            committed = self.completed()
-            self.remove_uncommitted(committed)
-            return committed
-        self.fs.makedirs(self.root, exist_ok=True)
-        self.write_text(RUN_RECORD, json.dumps(identity, indent=2, default=str) + "\n")
-        return {}
+        """Start or resume the run at this URI (outputs.prepare_run's rule); returns the completed
+        shards to skip. A resumed run first loses every uncommitted file under data/."""
+        if not prepare_run(self.uri, identity, overwrite, "generate"):
+            return {}
+        committed = self.completed()
+        self.remove_uncommitted(committed)
+        return committed
 
     def read_shard(self, index_or_file, columns: list[str] | None = None) -> pa.Table:
         file = index_or_file if isinstance(index_or_file, str) else f"{DATA_DIR}/{shard_name(index_or_file)}.parquet"
@@ -248,8 +245,6 @@ def read_dataset(uri: str, columns: list[str] | None = None) -> pa.Table:
 def dataset_stats(store: ShardStore, records: list[dict]) -> dict:
     """Counts over every committed row, read column by column (never the images): rows, unique
     sample ids, rows per condition, pixels per class."""
-    from calora_ray.data.labels import CLASS_NAMES
-
     rows, ids, conditions, pixels = 0, set(), {}, [0] * len(CLASS_NAMES)
     for r in records:
         t = store.read_shard(r["file"], ["sample_id", "condition", "class_pixels"])
@@ -266,12 +261,6 @@ def dataset_stats(store: ShardStore, records: list[dict]) -> dict:
 
 def preview_image(store: ShardStore, records: list[dict], num_samples: int):
     """A grid of the first samples: image | colourised label | label over image, a row each."""
-    import numpy as np
-    from PIL import Image
-
-    from calora_ray.data.labels import colorize
-    from calora_ray.sampling import image_grid
-
     rows, titles = [], []
     for r in records:
         if len(rows) >= num_samples:
@@ -279,8 +268,8 @@ def preview_image(store: ShardStore, records: list[dict], num_samples: int):
         columns = ["sample_id", "condition", "image", "label", "prompt"]
         t = store.read_shard(r["file"], columns).slice(0, num_samples - len(rows))
         for sid, condition, image, label, prompt in zip(*(t.column(c).to_pylist() for c in columns)):
-            img = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
-            colours = colorize(np.asarray(Image.open(io.BytesIO(label))))
+            img = decode_image(image, f"{r['file']} {sid} image", "RGB")
+            colours = colorize(decode_label_png(label, f"{r['file']} {sid} label"))
             overlay = (0.5 * img + 0.5 * colours).round().astype(np.uint8)
             rows.append([Image.fromarray(img), Image.fromarray(colours), Image.fromarray(overlay)])
             titles.append(f"{sid} ({condition}; image | label | overlay): {prompt}")
@@ -328,19 +317,7 @@ adapter, so the label is the image's label by construction.
 {manifest['num_shards']} Parquet shards under `data/` ({cfg['rows_per_shard']} rows each, the last one
 the rest); `manifest.json` lists each with its row count and sha256. Columns:
 
-| column | type | |
-|---|---|---|
-| sample_id | string | `s<job seed>-<index>`, unique |
-| image | binary | PNG, RGB |
-| label | binary | PNG, mode L, uint8 train ids 0..18, 255 = ignore |
-| prompt | string | the prompt the image was generated with |
-| condition | string | clear / foggy / night / rainy / snowy |
-| seed | int64 | the image's noise seed (derived from the job seed and the index) |
-| width, height | int32 | image (and label) size |
-| class_pixels | list<int64> | pixels of train id 0..18 (index = id) |
-| model | string | the base model |
-| lora_sha256 | string | sha256 of the LoRA file ('' without one) |
-| mask | string | the source mask the label was made from |
+{column_table()}
 
 ```python
 import pyarrow.parquet as pq; table = pq.read_table("data")

@@ -11,7 +11,7 @@ shards are kept, and the result holds exactly --num-samples unique sample_ids.
 
 from calora_ray.cli import run_job
 from calora_ray.config import GenerateConfig, parse_config
-from calora_ray.generation import run_generate
+from calora_ray.ray_data import run_generate
 
 
 def main(argv=None):

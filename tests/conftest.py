@@ -1,11 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -64,7 +62,7 @@ def controlnet_dir(tmp_path_factory):
     import torch
     from diffusers import ControlNetModel
 
-    from calora_ray.generation import conditioning_channels
+    from calora_ray.controlnet import conditioning_channels
     from calora_ray.models import build_tiny
 
     tiny = build_tiny(0)

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import run_job_main
-from calora_ray.data import open_dataset
+from calora_ray.datasets import open_dataset
 from calora_ray.metrics import adherence, confusion_matrix, kernel_mmd, mean_iou, nearest_distances
-from calora_ray.toyworld.world import caption, parse_caption, render_world_sample
+from calora_ray.toyworld.world import caption, parse_caption
+from calora_ray.toyworld.world_render import render_world_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 
