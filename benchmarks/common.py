@@ -169,7 +169,7 @@ class LoraStep:
     modules: list[str]
 
     def __call__(self) -> None:
-        # What calora_ray.training.train_lora does per step, minus data loading and VAE encoding.
+        # What calora_ray.training.train does per step of a lora_task, minus data loading and VAE encoding.
         loss = diffusion_step_loss(self.components, self.latents, self.cond, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

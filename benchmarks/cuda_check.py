@@ -23,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from calora_ray.concepts import resolve_concept  # noqa: E402
 from calora_ray.config import TrainingConfig  # noqa: E402
-from calora_ray.data import open_dataset  # noqa: E402
+from calora_ray.datasets import open_dataset  # noqa: E402
 from calora_ray.lora import attach_lora, save_lora  # noqa: E402
 from calora_ray.models import expand_conditioning, load_components, resolve_dtype  # noqa: E402
 from calora_ray.scoring import score_samples  # noqa: E402
 from calora_ray.selection import select_top_k  # noqa: E402
-from calora_ray.sensitivity import find_candidates, grad_only_for, sample_gradient_norms  # noqa: E402
+from calora_ray.sensitivity import (SensitivitySums, find_candidates, grad_only_for,  # noqa: E402
+                                    sample_gradient_norms)
 from calora_ray.training import diffusion_step_loss, lora_task, train  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -101,9 +102,6 @@ def timings(precision: str) -> dict:
 
     out = {"score_per_sample_ms": 1e3 * timed(score_one)}
     # scores for the CA-LoRA selection
-    sums = None
-    from calora_ray.sensitivity import SensitivitySums
-
     sums = SensitivitySums(list(cands))
     with grad_only_for(unet, weights):
         for _ in range(2):

@@ -1,10 +1,10 @@
 """Ray Train overhead: one Ray Train worker vs the plain single-process path, on the same box.
 
 Two jobs on the tiny model, each run both ways, interleaved in one process:
-  scoring      plain: load_components + scoring.score_samples; Ray: scoring.run_scoring with
+  scoring      plain: load_components + scoring.score_samples; Ray: ray_train.run_scoring with
                --num-workers 1 (score_worker on a 1-worker TorchTrainer).
   fine-tuning  plain: load_components + training.lora_task + training.train; Ray:
-               training.run_finetune with --num-workers 1 (finetune_worker, the same `train`).
+               ray_train.run_finetune with --num-workers 1 (finetune_worker, the same `train`).
 Reported per job: (a) steady-state throughput measured inside the loop, Ray worker / plain
 (target >= 0.9x), and (b) end-to-end wall time including Ray start-up and model loading.
 See docs/benchmarks.md, section "Ray Train overhead".
@@ -29,13 +29,15 @@ from common import machine, median, paired_ratio, print_table
 
 from calora_ray.concepts import resolve_concept
 from calora_ray.config import FinetuneConfig, ScoreConfig, TrainingConfig, build_config
-from calora_ray.data import open_dataset
+from calora_ray.datasets import open_dataset
+from calora_ray.distributed import ray_report, run_trainer, set_worker_threads
 from calora_ray.lora import read_selection
 from calora_ray.models import load_components
-from calora_ray.scoring import run_scoring, score_samples
+from calora_ray.ray_train import run_finetune, run_scoring
+from calora_ray.scoring import score_samples
 from calora_ray.selection import select_top_k
 from calora_ray.sensitivity import find_candidates
-from calora_ray.training import lora_task, run_finetune, train
+from calora_ray.training import lora_task, train
 
 TARGET = 0.9
 MODEL = "tiny"
@@ -150,8 +152,6 @@ def ray_finetune(args, selection: str, root: Path) -> dict:
 
 def _thread_probe(config: dict) -> None:
     """A Ray Train worker that sets its threads the way score_worker / finetune_worker do."""
-    from calora_ray.distributed import ray_report, set_worker_threads
-
     set_worker_threads()
     # Results come back through a checkpoint (as in score_worker): Ray Train v2 keeps no bare metrics.
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,8 +162,6 @@ def _thread_probe(config: dict) -> None:
 
 
 def ray_worker_threads(root: Path) -> tuple[dict, float]:
-    from calora_ray.distributed import run_trainer
-
     started = time.perf_counter()
     result = run_trainer(_thread_probe, {}, name=f"probe-{uuid.uuid4().hex[:8]}", storage_path=str(root),
                          num_workers=1, use_gpu="false", num_to_keep=None)

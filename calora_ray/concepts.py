@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import UserValueError
+
 BASE_PROMPT = "Photorealistic first-person urban street view"
 
 
@@ -56,7 +58,7 @@ def resolve_concept(
     if name in user_concepts:
         spec = user_concepts[name]
         if not isinstance(spec, dict) or "augmented_prompts" not in spec:
-            raise ValueError(
+            raise UserValueError(
                 f"concept '{name}' in the config must be a mapping with 'augmented_prompts' "
                 f"(a list of prompts) and optionally 'base_prompt'; got {spec!r}")
         aug = spec["augmented_prompts"]
@@ -69,7 +71,7 @@ def resolve_concept(
         concept = Concept(name, base_prompt or BASE_PROMPT, tuple(augmented_prompts))
     else:
         known = sorted(set(BUILTIN_CONCEPTS) | set(user_concepts))
-        raise ValueError(
+        raise UserValueError(
             f"unknown concept '{name}': known concepts are {', '.join(known)}; define a new one under "
             f"'concepts:' in the YAML config or with --base-prompt and --augmented-prompts")
     concept = Concept(
@@ -78,9 +80,9 @@ def resolve_concept(
         tuple(augmented_prompts) if augmented_prompts else concept.augmented_prompts,
     )
     if not concept.augmented_prompts or not all(p.strip() for p in concept.augmented_prompts):
-        raise ValueError(f"concept '{name}' needs at least one non-empty augmented prompt")
+        raise UserValueError(f"concept '{name}' needs at least one non-empty augmented prompt")
     if not concept.base_prompt.strip():
-        raise ValueError(f"concept '{name}' has an empty base prompt")
+        raise UserValueError(f"concept '{name}' has an empty base prompt")
     return concept
 
 

@@ -1,22 +1,24 @@
-"""The Ray Train adapter: run a plain per-worker function on a TorchTrainer, and the two collective
-operations the loops need. Nothing here knows about CA-LoRA.
+"""Ray for the jobs: connect to the cluster, size the workers, check the run storage, run a plain
+per-worker function on a Ray Train TorchTrainer, and the worker-side calls (report a checkpoint,
+fetch the latest one, the device, the threads). Nothing here knows about CA-LoRA.
 
-The per-worker functions (`scoring.score_worker`, `training.finetune_worker`) call the same plain
-code as the single-process path; they learn their rank from `torch.distributed` and hand
-checkpoints to Ray through `report`. Distribution is configuration (`DistributedConfig`).
+The per-worker functions (calora_ray.ray_train) call the same plain code as the single-process
+path; they learn their rank from torch.distributed (calora_ray.collectives) and hand checkpoints to
+Ray through `ray_report`. Distribution is configuration (config.DistributedConfig).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow.fs
 import torch
-import torch.distributed as dist
+
 from .errors import UserError
 
 
@@ -24,63 +26,37 @@ class ClusterResourceError(UserError, RuntimeError):
     """The cluster cannot host the requested workers (checked before training, with a bounded wait)."""
 
 
+class StoragePathError(UserError, PermissionError):
+    """--storage-path cannot hold the run state (checked before training)."""
+
+
 # ----------------------------------------------------------------------------- inside a worker
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all workers (in place); a no-op in a single process."""
-    if rank_and_world()[1] > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients of `params` (the trainable LoRA weights only) over workers.
-
-    One flat buffer, one all-reduce: the frozen base weights are neither wrapped nor reduced.
-    """
-    world = rank_and_world()[1]
-    grads = [p.grad for p in params if p.grad is not None]
-    if world == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def ray_report(metrics: dict, checkpoint_dir: str | Path | None = None) -> None:
     """ray.train.report from every worker (a barrier); only rank 0 passes a checkpoint directory."""
-    import ray.train
+    import ray.train  # delayed: importing Ray takes seconds, bad input fails before
 
     checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
     ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def ray_latest_checkpoint() -> Path | None:
-    """The latest checkpoint of this run as a local directory (downloaded if remote), or None."""
-    import ray.train
+@contextmanager
+def ray_latest_checkpoint():
+    """The latest checkpoint of this run as a local directory (for local storage the checkpoint
+    itself, else a download removed afterwards), or None; read-only, for the `with` block."""
+    import ray.train  # delayed: importing Ray takes seconds, bad input fails before
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None
-    local = Path(tempfile.mkdtemp(prefix="calora-ckpt-"))
-    checkpoint.to_directory(str(local))
-    return local
+        yield None
+        return
+    with checkpoint.as_directory() as directory:
+        yield Path(directory)
 
 
 def worker_device() -> torch.device:
-    import ray.train.torch
+    import ray.train.torch  # delayed: importing Ray takes seconds, bad input fails before
 
     return ray.train.torch.get_device()
 
@@ -97,7 +73,7 @@ def set_worker_threads() -> None:
 
 def ensure_ray() -> None:
     """Connect to the cluster this job was submitted to (RAY_ADDRESS), or start a local one."""
-    import ray
+    import ray  # delayed: importing Ray takes seconds, bad input fails before
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
@@ -106,8 +82,6 @@ def ensure_ray() -> None:
 
 def check_storage_path(storage_path: str) -> str:
     """Fail early, naming the path, if the run state cannot be written there. Returns it normalised."""
-    import pyarrow.fs
-
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).expanduser().resolve())
     try:
@@ -118,14 +92,12 @@ def check_storage_path(storage_path: str) -> str:
             f.write(b"ok")
         fs.delete_file(probe)
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot use it"
-        raise PermissionError(f"--storage-path {storage_path}: cannot write the run state there ({e})") from None
+        raise StoragePathError(f"--storage-path {storage_path}: cannot write the run state there ({e})") from None
     return storage_path
 
 
 def delete_run(storage_path: str, name: str) -> None:
     """Remove a run's state (its checkpoints) under storage_path/name, if there is any."""
-    import pyarrow.fs
-
     fs, path = pyarrow.fs.FileSystem.from_uri(storage_path)
     target = f"{path.rstrip('/')}/{name}"
     if fs.get_file_info(target).type != pyarrow.fs.FileType.NotFound:
@@ -140,7 +112,7 @@ def resolve_resources(num_workers: int, use_gpu: str, cpus_per_worker: int | Non
     cluster's CPUs between the workers (so one worker on a laptop uses every core, like the plain
     single-process path does).
     """
-    import ray
+    import ray  # delayed: importing Ray takes seconds, bad input fails before
 
     deadline = time.monotonic() + wait_s
     while True:
@@ -172,8 +144,8 @@ def run_trainer(worker_fn: Callable[[dict], None], worker_config: dict[str, Any]
     Resume is Ray's: a run with the same `name` and `storage_path` restores its checkpoint
     manager, and `ray.train.get_checkpoint()` in the workers returns the latest checkpoint.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # delayed: Ray takes seconds
+    from ray.train.torch import TorchTrainer  # delayed: importing Ray takes seconds
 
     ensure_ray()
     gpu, per_worker = resolve_resources(num_workers, use_gpu, cpus_per_worker, resource_wait_s)

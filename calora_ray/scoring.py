@@ -1,17 +1,13 @@
-"""The score job: draw (x_0, noise) samples, accumulate concept sensitivity, select, report.
+"""The score job's plain code: draw (x_0, noise) samples, accumulate concept sensitivity, select, report.
 
 `score_samples` is the unit of work (a list of sample indices -> SensitivitySums); every sample's
 randomness comes from its own generator seeded by (seed, index), so any split of the indices over
-workers gives the same sums. `run_scoring` is what jobs/score.py calls.
+workers gives the same sums. calora_ray.ray_train.run_scoring (what jobs/score.py calls) runs it on
+Ray Train workers: `check_score_inputs` first, `prepare_scoring` + `score_samples` +
+`build_report` in each worker, `write_score_outputs` at the end.
 """
 
 from __future__ import annotations
-
-import json
-import tempfile
-import time
-import uuid
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,8 +16,11 @@ from tqdm.auto import tqdm
 from . import __version__
 from .concepts import Concept, resolve_concept
 from .config import ScoreConfig, to_dict
+from .datasets import open_dataset
+from .errors import UserValueError
 from .losses import diffusion_target, noisy_latents
-from .models import Components, encode_images, encode_prompts, load_components, model_info, resolve_dtype
+from .models import (Components, encode_images, encode_prompts, load_components, load_unet_skeleton, model_info,
+                     resolve_dtype)
 from .outputs import check_output_dir, staged_output_dir, write_json
 from .plots import plot_scores
 from .selection import select_modules
@@ -59,8 +58,8 @@ def score_samples(components: Components, candidates: dict, concept: Concept, in
     device = unet.device
     scheduler = components.noise_scheduler
     if not 0 <= timestep < scheduler.config.num_train_timesteps:
-        raise ValueError(f"--timestep {timestep} is outside the model's schedule "
-                         f"(0..{scheduler.config.num_train_timesteps - 1})")
+        raise UserValueError(f"--timestep {timestep} is outside the model's schedule "
+                             f"(0..{scheduler.config.num_train_timesteps - 1})")
     names = list(candidates)
     weights = [candidates[n].weight for n in names]
     sums = SensitivitySums(names)
@@ -145,8 +144,6 @@ def prepare_scoring(cfg: ScoreConfig, device: torch.device):
     concept = resolve_concept(cfg.concept, cfg.concepts, cfg.base_prompt, cfg.augmented_prompts)
     dataset = None
     if cfg.x0 == "target":
-        from .data import open_dataset
-
         dataset = open_dataset(cfg.data, split=cfg.split, num_images=cfg.num_images,
                                resolution=cfg.resolution, seed=cfg.seed)
     components = load_components(cfg.model, cfg.model_seed)
@@ -155,60 +152,15 @@ def prepare_scoring(cfg: ScoreConfig, device: torch.device):
     return components, find_candidates(components.unet, cfg.self_attention_only), concept, dataset
 
 
-def score_worker(config: dict) -> None:
-    """One Ray Train worker: score its shard, all-reduce the sums; rank 0 reports the report."""
-    from .distributed import rank_and_world, ray_report, set_worker_threads, worker_device
-
-    cfg: ScoreConfig = config["cfg"]
-    set_worker_threads()
-    rank, world = rank_and_world()
-    device = worker_device()
-    components, candidates, concept, dataset = prepare_scoring(cfg, device)
-    started = time.perf_counter()
-    sums = score_samples(components, candidates, concept, shard_indices(cfg.num_samples, cfg.batch_size, rank, world),
-                         timestep=cfg.timestep, seed=cfg.seed, x0=cfg.x0, resolution=cfg.resolution,
-                         x0_steps=cfg.x0_steps, x0_guidance=cfg.x0_guidance, batch_size=cfg.batch_size,
-                         dataset=dataset, progress=rank == 0)
-    sums = sums.all_reduce(device)
-    report = build_report(cfg, components, concept, candidates, sums, time.perf_counter() - started, world)
-    report["device"] = str(device)
-    # Ray hands results back through checkpoints (stored under the run's storage path).
-    with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            write_json(Path(tmp) / "sensitivity.json", report)
-        ray_report({"num_pairs": sums.count}, tmp if rank == 0 else None)
-
-
-def run_scoring(cfg: ScoreConfig) -> Path:
-    """jobs/score.py: validate inputs, score on Ray Train workers, write sensitivity.json + .png.
-
-    Cheap inputs (concept, output, data, storage) are checked before Ray starts, and the output
-    directory appears only once complete. Returns the output directory.
-    """
-    from .distributed import check_storage_path, run_trainer
-
-    from .models import load_unet_skeleton
-
+def check_score_inputs(cfg: ScoreConfig) -> None:
+    """jobs/score.py's cheap inputs, checked before any work: the concept, the output, the model's
+    candidate projections, the data (when x_0 comes from it)."""
     resolve_concept(cfg.concept, cfg.concepts, cfg.base_prompt, cfg.augmented_prompts)
     check_output_dir(cfg.output, cfg.overwrite)
     find_candidates(load_unet_skeleton(cfg.model, cfg.model_seed), cfg.self_attention_only)
     if cfg.x0 == "target":
-        from .data import open_dataset
-
         open_dataset(cfg.data, split=cfg.split, num_images=cfg.num_images,
                      resolution=cfg.resolution, seed=cfg.seed)[0]
-    with tempfile.TemporaryDirectory(prefix="calora-score-") as scratch:
-        storage = check_storage_path(cfg.storage_path or scratch)
-        result = run_trainer(score_worker, {"cfg": cfg}, name=f"score-{uuid.uuid4().hex[:8]}", storage_path=storage,
-                             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                             cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
-                             resource_wait_s=cfg.resource_wait_s, num_to_keep=None)
-        if result.error is not None:
-            raise result.error
-        with result.checkpoint.as_directory() as d:
-            report = json.loads((Path(d) / "sensitivity.json").read_text())
-    write_score_outputs(cfg, report)
-    return Path(cfg.output)
 
 
 def write_score_outputs(cfg: ScoreConfig, report: dict) -> None:
@@ -226,5 +178,5 @@ def write_score_outputs(cfg: ScoreConfig, report: dict) -> None:
 def _check_resolution(components: Components, resolution: int) -> None:
     multiple = components.vae_scale_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
     if resolution % multiple:
-        raise ValueError(f"--resolution {resolution} must be a multiple of {multiple} for this model "
-                         f"(VAE factor {components.vae_scale_factor} x UNet downsampling)")
+        raise UserValueError(f"--resolution {resolution} must be a multiple of {multiple} for this model "
+                             f"(VAE factor {components.vae_scale_factor} x UNet downsampling)")

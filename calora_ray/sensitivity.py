@@ -1,4 +1,4 @@
-"""Concept sensitivity of every attention projection (METHOD.md, stage 1). Plain torch, no I/O.
+"""Concept sensitivity of every attention projection (docs/method.md, stage 1). Plain torch, no I/O.
 
     S(W) = E_{x_0, eps, c_aug} [ rms(dL_concept/dW) / (rms(dL_diff/dW) + eps) ]
 
@@ -14,8 +14,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from .collectives import all_reduce_sum
+from .errors import UserValueError
 from .losses import concept_loss, diffusion_loss
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -29,8 +32,6 @@ def find_candidates(unet: nn.Module, self_attention_only: bool = False) -> dict[
     in the UNet's own order (down, mid, up). `self_attention_only` keeps attentions that are not
     cross-attention (attn1 in SD's transformer blocks).
     """
-    from diffusers.models.attention_processor import Attention
-
     out: dict[str, nn.Linear] = {}
     for name, module in unet.named_modules():
         if not isinstance(module, Attention):
@@ -44,7 +45,7 @@ def find_candidates(unet: nn.Module, self_attention_only: bool = False) -> dict[
                                 "(score the base UNet before attaching adapters)")
             out[f"{name}.{proj}"] = linear
     if not out:
-        raise ValueError("the UNet has no attention projections to score")
+        raise UserValueError("the UNet has no attention projections to score")
     # Registration order puts up_blocks before mid_block; reports read better down -> mid -> up.
     section = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
     order = sorted(out, key=lambda n: section.get(n.split(".")[0], 3))
@@ -140,8 +141,6 @@ class SensitivitySums:
 
     def all_reduce(self, device: torch.device) -> "SensitivitySums":
         """The sums over every worker (torch.distributed); itself in a single process."""
-        from .distributed import all_reduce_sum
-
         packed = torch.cat([self.ratio_sum, self.concept_sum, self.diff_sum,
                             torch.tensor([self.count, self.samples], dtype=torch.float64)]).to(device)
         packed = all_reduce_sum(packed).cpu()

@@ -10,7 +10,7 @@ pipe.load_lora_weights(DIR2)), finetune.json, loss.csv and loss.png.
 
 from calora_ray.cli import run_job
 from calora_ray.config import FinetuneConfig, parse_config
-from calora_ray.training import run_finetune
+from calora_ray.ray_train import run_finetune
 
 
 def main(argv=None):

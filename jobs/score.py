@@ -8,7 +8,7 @@ Writes DIR/sensitivity.json (scores, selection, provenance) and DIR/sensitivity.
 
 from calora_ray.config import ScoreConfig, parse_config
 from calora_ray.cli import run_job
-from calora_ray.scoring import run_scoring
+from calora_ray.ray_train import run_scoring
 
 
 def main(argv=None):

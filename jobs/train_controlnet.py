@@ -12,7 +12,7 @@ Checkpoints and resume work as for jobs/finetune.py.
 
 from calora_ray.cli import run_job
 from calora_ray.config import ControlNetConfig, parse_config
-from calora_ray.training import run_train_controlnet
+from calora_ray.ray_train import run_train_controlnet
 
 
 def main(argv=None):

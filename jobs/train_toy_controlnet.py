@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from calora_ray.config import TrainingConfig, build_config
-from calora_ray.data import open_dataset
+from calora_ray.controlnet import CONTROLNET_FILES
+from calora_ray.datasets import open_dataset
 from calora_ray.models import load_components
 from calora_ray.plots import plot_loss
 from calora_ray.toyworld.world import first_person_indices
-from calora_ray.training import CONTROLNET_FILES, controlnet_task, train
+from calora_ray.training import controlnet_task, train
 
 
 def _render(args: tuple[int, int, int]) -> dict:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from calora_ray.config import ControlNetConfig, TrainingConfig, build_config
-from calora_ray.data import open_dataset
+from calora_ray.controlnet import control_image
 from calora_ray.data.labels import PALETTE
-from calora_ray.generation import control_image
+from calora_ray.datasets import open_dataset
 from calora_ray.models import build_tiny
 from calora_ray.training import controlnet_task, train
 
@@ -74,7 +74,7 @@ def test_job_saves_a_diffusers_controlnet_that_a_stock_pipeline_runs_and_resumes
                                                                                   tmp_path):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-    from calora_ray.training import run_train_controlnet
+    from calora_ray.ray_train import run_train_controlnet
 
     out = tmp_path / "cn"
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from calora_ray.config import build_config, ConfigError, FinetuneConfig, ScoreConfig
-from calora_ray.data import open_dataset
+from calora_ray.datasets import open_dataset
 from calora_ray.distributed import ClusterResourceError
 from calora_ray.models import build_tiny
-from calora_ray.scoring import run_scoring, shard_indices
-from calora_ray.training import run_finetune
+from calora_ray.ray_train import run_finetune, run_scoring
+from calora_ray.scoring import shard_indices
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -112,7 +112,7 @@ def test_storage_path_as_a_uri(tmp_path):
     report = finetune(tmp_path / "uri", steps=2, checkpoint_every=1, storage_path=f"file://{runs}")
     assert report["run"].startswith(f"file://{runs}/uri-")
     checkpoints = [c for c in runs.glob("uri-*/checkpoint_*") if c.is_dir()]
-    assert checkpoints and all((c / "training_state.pt").is_file() for c in checkpoints)
+    assert checkpoints and all((c / "training_state.safetensors").is_file() for c in checkpoints)
     assert not (tmp_path / "uri" / "ray_train").exists()
     # --overwrite starts over: the old checkpoints in the storage go too (else step 2 would resume)
     again = finetune(tmp_path / "uri", steps=1, storage_path=f"file://{runs}", overwrite=True)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import run_job_main
 from calora_ray.config import ConfigError, PretrainConfig, build_config, parse_config
-from calora_ray.toyworld.pretrain import DIFFUSERS_PARTS, architecture, build_toy_sd, num_parameters
+from calora_ray.toyworld.pretrain import DIFFUSERS_PARTS, architecture, build_toy_sd, num_parameters, prepare_output
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Sketch of urban street in top-down view at night"
@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     code, first = run_job(*TINY, "--output", out)
     assert code == 130, first
     assert "interrupted at step 2" in first
-    assert (out / "checkpoint.pt").is_file() and not (out / "model_index.json").exists()
+    assert (out / "checkpoint.safetensors").is_file() and not (out / "model_index.json").exists()
     assert [r["step"] for r in _rows(out / "logs" / "unet" / "loss.csv")] == ["1", "2"]
     code, second = run_job(*TINY, "--output", out)
     assert code == 0, second
@@ -67,7 +67,7 @@ def test_standard_layout_and_reports(trained):
         assert (out / part).exists(), part
     assert list((out / "unet").glob("*.safetensors")) and list((out / "vae").glob("*.safetensors"))
     assert list((out / "text_encoder").glob("*.safetensors"))
-    assert "checkpoint.pt" in (out / ".gitignore").read_text().split()
+    assert "checkpoint.safetensors" in (out / ".gitignore").read_text().split()
     report = json.loads((out / "pretrain.json").read_text())
     for key in ("wall_s", "final_loss", "vae_psnr_db", "latent_scaling_factor", "parameters", "safetensors_bytes",
                 "command", "config"):
@@ -121,7 +121,7 @@ def test_load_components_like_any_model(trained):
 def test_tokenizer_round_trips(trained):
     from transformers import AutoTokenizer
 
-    from calora_ray.data import open_dataset
+    from calora_ray.datasets import open_dataset
     from calora_ray.models import build_tokenizer
     from calora_ray.toyworld.pretrain import sample_prompts
 
@@ -181,6 +181,31 @@ def test_bad_output_is_a_clear_error(tmp_path, trained):
     out, _, _ = trained  # the finished run, continued with another seed: refused, left as it was
     code, log = run_job(*TINY, "--output", out, "--seed", "1")
     assert code == 2 and "different configuration (seed differ)" in log
+
+
+class CodeOnLoad:
+    """Pickles to a call of exec: loading it with an unrestricted unpickler writes `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    """A pickle planted as the checkpoint (or as an older version's checkpoint.pt) is refused, naming
+    the file, and runs nothing."""
+    out = tmp_path / "toy-sd"
+    output = prepare_output(parse_config(PretrainConfig, [*map(str, TINY), "--output", str(out)], job="pretrain_toy"))
+    marker = tmp_path / "code-ran"
+    for name, message in (("checkpoint.safetensors", "not a calora_ray training state"),
+                          ("checkpoint.pt", "a training state in the pickle format of older calora_ray versions")):
+        torch.save({"format": 1, "vae_phase": CodeOnLoad(marker)}, output / name)
+        code, log = run_job(*TINY, "--output", out)
+        assert code == 2 and f"{output / name}: {message}" in log and "Traceback" not in log, log
+        assert not marker.exists()
+        (output / name).unlink()
 
 
 @pytest.mark.parametrize("flags, message", [

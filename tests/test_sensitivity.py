@@ -1,4 +1,4 @@
-"""Concept sensitivity: the math of METHOD.md on the tiny model."""
+"""Concept sensitivity: the math of docs/method.md on the tiny model."""
 
 import math
 

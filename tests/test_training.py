@@ -1,16 +1,19 @@
 """CA-LoRA fine-tuning: the loop lowers the diffusion loss and is reproducible from its seed."""
 
+import re
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from calora_ray.config import TrainingConfig
-from calora_ray.data import open_dataset
+from calora_ray.datasets import open_dataset
+from calora_ray.errors import UserError
 from calora_ray.lora import lora_state_dict
 from calora_ray.models import build_tiny
 from calora_ray.sensitivity import find_candidates
-from calora_ray.training import captions_for, lora_task, train
+from calora_ray.training import STATE_FILE, TrainingStateError, captions_for, lora_task, train
 
 CAPTION = "Photorealistic first-person urban street view"
 
@@ -70,6 +73,68 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
     assert [h["step"] for h in hist] == [1, 2, 3, 4]
     a, b = lora_state_dict(whole.components.unet), lora_state_dict(resumed.components.unet)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class CodeOnLoad:
+    """Pickles to a call of exec: loading it with an unrestricted unpickler writes `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
+
+
+def test_resume_refuses_a_state_file_that_would_run_code(tmp_path):
+    """A checkpoint's state file under a shared --storage-path is input: it is safetensors + JSON,
+    and resuming refuses a pickle that would run code, as the state file or as an older version's
+    training_state.pt, naming the file and running nothing."""
+    dataset = open_dataset("toy:target", num_images=2, resolution=64)
+    kept = tmp_path / "checkpoint"
+
+    def report(metrics, directory):
+        if directory is not None:
+            shutil.copytree(directory, kept)
+
+    def resume():
+        train(lora_model(), dataset, settings(steps=2, batch_size=1), device=torch.device("cpu"), resume_from=kept,
+              quiet=True)
+
+    train(lora_model(), dataset, settings(steps=1, batch_size=1), device=torch.device("cpu"), report=report,
+          quiet=True)
+    state_file = kept / STATE_FILE
+    assert state_file.is_file()
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 1, "history": CodeOnLoad(marker)}, state_file)  # planted by whoever can write there
+    with pytest.raises(TrainingStateError, match=re.escape(f"{state_file}: not a calora_ray training state")) as e:
+        resume()
+    assert isinstance(e.value, UserError)
+    assert not marker.exists()
+    state_file.rename(kept / "training_state.pt")  # the pickle state of older versions is refused too
+    with pytest.raises(TrainingStateError, match=re.escape(f"{kept / 'training_state.pt'}: a training state in the "
+                                                           "pickle format of older calora_ray versions")):
+        resume()
+    assert not marker.exists()
+    # The planted file was live: an unrestricted load runs its code.
+    torch.load(kept / "training_state.pt", weights_only=False)
+    assert marker.read_text() == "code ran"
+
+
+def test_state_files_round_trip_without_pickle(tmp_path):
+    from calora_ray.training import load_state, save_state
+
+    state = {"step": 3, "history": [{"step": 1, "loss": 0.5, "lr": 1e-3, "elapsed_s": 0.25}], "none": None,
+             "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 2)}},
+                           "param_groups": [{"betas": (0.9, 0.999), "params": [0], "amsgrad": False}]},
+             "weights": {"a.b": torch.arange(4, dtype=torch.bfloat16)}}
+    save_state(state, tmp_path / STATE_FILE)
+    back = load_state(tmp_path / STATE_FILE)
+    assert back.keys() == state.keys() and back["history"] == state["history"] and back["none"] is None
+    assert list(back["optimizer"]["state"]) == [0] and back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], torch.ones(2, 2))
+    assert torch.equal(back["weights"]["a.b"], state["weights"]["a.b"])
+    with pytest.raises(TypeError, match="weights/x: a object"):
+        save_state({"weights": {"x": object()}}, tmp_path / "bad.safetensors")
 
 
 def test_gradient_accumulation_and_checkpointing_run():

@@ -14,41 +14,47 @@ The output is an ordinary diffusers directory: `load_components(dir)` and
     vae_loss / reconstruction_psnr / encode_posteriors / latent_scaling_factor
     ema_update, run_phase        -> the pieces of the two phases
     pretrain_toy_sd(cfg)         -> the whole job: data, phases, checkpoints, outputs, card
+
+Both phases run on the training loop's core (calora_ray.training: `StepLoop`, `Progress`, its
+logger, `write_loss_files`, and `save_state` / `load_state` for checkpoint.safetensors:
+safetensors + JSON, loaded without running code).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import functools
 import dataclasses
+import functools
 import json
-import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from calora_ray import __version__
 from calora_ray.config import PretrainConfig, to_dict
+from calora_ray.datasets import open_dataset
+from calora_ray.errors import UserValueError
 from calora_ray.models import Components, build_tokenizer, load_components, save_components
-from calora_ray.outputs import prepare_run_dir
+from calora_ray.outputs import prepare_run_dir, run_identity
+from calora_ray.plots import image_grid
+from calora_ray.sampling import sample_images
 from calora_ray.toyworld.world import BASE_PROMPTS, CONDITION_PHRASES
-from calora_ray.training import diffusion_step_loss, step_generator
+from calora_ray.training import (Progress, StepLoop, diffusion_step_loss, load_state, log, save_state, step_generator,
+                                 write_loss_files)
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
 REPORT = "pretrain.json"
 CARD = "MODEL_CARD.md"
 DIFFUSERS_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# Settings a rerun may change and still continue the same run: budgets, logging, the sample grid.
-NOT_IDENTITY = ("output", "overwrite", "device", "vae_minutes", "vae_steps", "unet_minutes", "unet_steps", "log_every",
-                "checkpoint_minutes", "sample_images", "sample_steps", "guidance", "simulate_interrupt_at_step")
 SAMPLE_CONDITIONS = ("foggy", "night", "rainy", "snowy")
 
 
@@ -62,8 +68,6 @@ def _norm_groups(channels) -> int:
 
 def build_vae(channels, resolution: int):
     """AutoencoderKL with len(channels) blocks (f = 2^(len - 1)), 4 latent channels, one layer a block."""
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(channels),
         down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
@@ -73,8 +77,6 @@ def build_vae(channels, resolution: int):
 def build_unet(channels, cross_attention_dim: int, sample_size: int):
     """Latent UNet: the first (full latent resolution) level without attention, every lower level
     and the mid block with self- and cross-attention; one layer a block, 8 heads."""
-    from diffusers import UNet2DConditionModel
-
     n = len(channels)
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
@@ -86,8 +88,6 @@ def build_unet(channels, cross_attention_dim: int, sample_size: int):
 
 def build_text_encoder(vocab_size: int, width: int, layers: int, max_length: int = 77):
     """A CLIPTextModel of `layers` layers of `width` (heads of 16 dims), ids as build_tokenizer's."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
         num_attention_heads=max(1, width // 16), max_position_embeddings=max_length, projection_dim=width,
@@ -104,8 +104,6 @@ def build_scheduler():
     set_alpha_to_one makes the last step return the predicted clean latent; steps_offset=1 is what
     StableDiffusionPipeline would force (trailing spacing ignores it).
     """
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
         timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True, steps_offset=1,
@@ -144,10 +142,6 @@ def render_world_images(split: str, num_images: int, resolution: int) -> tuple[n
     """The first `num_images` renders of toy:world `split`: uint8 (N, H, W, 3) and their captions.
 
     Cached per process (read-only), so benchmarks/pretrain_adherence.py's continued runs render once."""
-    from tqdm.auto import tqdm
-
-    from calora_ray.data import open_dataset
-
     dataset = open_dataset("toy:world", split=split, num_images=num_images, resolution=resolution)
     images = np.empty((num_images, resolution, resolution, 3), np.uint8)
     captions: list[str] = []
@@ -243,115 +237,42 @@ def warmup_lr(optimizer, learning_rate: float, step: int, warmup_steps: int) -> 
 # ----------------------------------------------------------------------------- one time-boxed phase
 
 
-@dataclass
-class PhaseState:
-    """Where a phase stands: optimizer steps taken, training seconds spent, the logged loss rows."""
+def run_phase(name: str, step_fn: Callable[[int], tuple[float, float]], progress: Progress, *,
+              max_steps: int | None, max_minutes: float | None, batch_size: int, log_every: int,
+              checkpoint_minutes: float, save_checkpoint: Callable[[], None],
+              interrupt_at_step: int | None = None) -> None:
+    """Call `step_fn(step) -> (loss, lr)` for steps progress.step + 1, ... until the budget is spent,
+    on the training loop's core (training.StepLoop: a loss row, the mean loss since the last one,
+    every `log_every` steps, and its log line).
 
-    step: int = 0
-    elapsed_s: float = 0.0
-    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "elapsed_s"}
-
-    def spent(self, max_steps: int | None, max_minutes: float | None) -> bool:
-        return ((max_steps is not None and self.step >= max_steps)
-                or (max_minutes is not None and self.elapsed_s >= max_minutes * 60))
-
-
-def _log(message: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(message, file=sys.stderr)
-
-
-def _write_csv(path: Path, history: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "elapsed_s"])
-        writer.writeheader()
-        writer.writerows(history)
-    tmp.replace(path)
-
-
-def run_phase(name: str, step_fn: Callable[[int], tuple[float, float]], state: PhaseState, *,
-              max_steps: int | None, max_minutes: float | None, log_every: int, checkpoint_minutes: float,
-              save_checkpoint: Callable[[], None], csv_path: Path, interrupt_at_step: int | None = None) -> None:
-    """Call `step_fn(step) -> (loss, lr)` for steps state.step + 1, ... until the budget is spent.
-
-    Updates `state` in place; appends a loss.csv row (mean loss since the last row) every
-    `log_every` steps; calls `save_checkpoint()` every `checkpoint_minutes` of training and, on
-    Ctrl-C (KeyboardInterrupt), before re-raising. The progress bar counts steps when max_steps
-    is set, else seconds of the time budget (so its ETA is the budget's end either way).
+    Updates `progress` in place; calls `save_checkpoint()` every `checkpoint_minutes` of training,
+    at the end of the phase and, on Ctrl-C (KeyboardInterrupt), before re-raising.
     """
-    from tqdm.auto import tqdm
-
-    if state.spent(max_steps, max_minutes):
-        return
-    _write_csv(csv_path, state.history)  # drops rows logged after the checkpoint this run resumed from
-    by_steps = max_steps is not None
-    total = max_steps if by_steps else math.ceil(max_minutes * 60)
-    done = state.step if by_steps else int(state.elapsed_s)
-    # A time-boxed bar counts seconds of the budget; its rate would read "s/s", so it shows steps/s instead.
-    bar = tqdm(total=total, initial=min(done, total), desc=name, unit="step" if by_steps else "s",
-               file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
-               bar_format=None if by_steps else "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s "
-                                                "[{elapsed}<{remaining}{postfix}]")
-    window: list[float] = []
-    recent: list[float] = []  # the bar's loss: a running mean of the last 20 steps
-    started, base, start_step = time.perf_counter(), state.elapsed_s, state.step
-    last_checkpoint = state.elapsed_s
+    loop = StepLoop(name, progress, max_steps=max_steps, max_minutes=max_minutes, log_every=log_every,
+                    images_per_step=batch_size)
     try:
-        while not state.spent(max_steps, max_minutes):
-            loss, lr = step_fn(state.step + 1)
-            state.step += 1
-            state.elapsed_s = base + time.perf_counter() - started
-            window.append(loss)
-            recent = (recent + [loss])[-20:]
-            if state.step % log_every == 0 or state.spent(max_steps, max_minutes):
-                row = {"step": state.step, "loss": sum(window) / len(window), "lr": lr,
-                       "elapsed_s": round(state.elapsed_s, 2)}
-                state.history.append(row)
-                with open(csv_path, "a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=list(row)).writerow(row)
-                window.clear()
-            now = state.step if by_steps else min(int(state.elapsed_s), total)
-            bar.update(now - bar.n)
-            rate = (state.elapsed_s - base) / max(1, state.step - start_step)
-            bar.set_postfix_str(f"step {state.step}, {rate:.2f} s/step, loss {sum(recent) / len(recent):.4f}",
-                                refresh=False)
-            if state.elapsed_s - last_checkpoint >= checkpoint_minutes * 60:
+        for step in loop:
+            loop.record(*step_fn(step))
+            if loop.checkpoint_due(every_minutes=checkpoint_minutes):
                 save_checkpoint()
-                last_checkpoint = state.elapsed_s
-            if interrupt_at_step == state.step:
+            if interrupt_at_step == step:
                 raise KeyboardInterrupt(f"--simulate-interrupt-at-step {interrupt_at_step}")
     except KeyboardInterrupt:
-        bar.close()
         save_checkpoint()
-        _log(f"{name}: interrupted at step {state.step}; {CHECKPOINT} saved, run the same command again to continue")
+        log(f"{name}: interrupted at step {progress.step}; {CHECKPOINT} saved, run the same command again to continue")
         raise
-    bar.close()
 
 
 # ----------------------------------------------------------------------------- the job
 
 
-def run_identity(cfg: PretrainConfig) -> dict:
-    """What defines a run: a rerun with the same output continues it only if these agree."""
-    return {"job": "pretrain_toy"} | {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY}
-
-
 def prepare_output(cfg: PretrainConfig) -> Path:
     """The output doubles as the run directory: new, or the same run again (resume), or an error."""
-    output = prepare_run_dir(Path(cfg.output).expanduser().resolve(), run_identity(cfg), cfg.overwrite,
-                             "pretrain_toy")
+    output = prepare_run_dir(Path(cfg.output).expanduser().resolve(), run_identity(cfg, job="pretrain_toy"),
+                             cfg.overwrite, "pretrain_toy")
     # The model directory is committed; the resumable training state (~100 MB) is not.
     (output / ".gitignore").write_text(f"{CHECKPOINT}\n.*.tmp\n")
     return output
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def sample_prompts() -> list[str]:
@@ -372,22 +293,22 @@ def final_loss(history: list[dict], last_steps: int = 100) -> float | None:
 def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
     """jobs/pretrain_toy.py: train toy-sd into cfg.output (a diffusers directory); resumable.
 
-    Running again with the same output continues from checkpoint.pt (larger budgets extend the
+    Running again with the same output continues from checkpoint.safetensors (larger budgets extend the
     current phase; the VAE is frozen once the UNet phase has begun). Returns the output path.
     """
     output = prepare_output(cfg)
     ckpt_path = output / CHECKPOINT
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.is_file() else None
-    vae_state = PhaseState(**ckpt["vae_phase"]) if ckpt else PhaseState()
-    unet_state = PhaseState(**ckpt["unet_phase"]) if ckpt and ckpt.get("unet_phase") else None
+    ckpt = load_state(ckpt_path) if ckpt_path.is_file() or ckpt_path.with_suffix(".pt").is_file() else None
+    vae_state = Progress.from_state(ckpt["vae_phase"]) if ckpt else Progress()
+    unet_state = Progress.from_state(ckpt["unet_phase"]) if ckpt and ckpt.get("unet_phase") else None
     if ckpt is None:
-        _log(f"pretrain_toy: starting a new run in {output}")
+        log(f"pretrain_toy: starting a new run in {output}")
     else:
-        _log(f"pretrain_toy: resuming from {ckpt_path}: vae step {vae_state.step}, "
-             f"unet step {unet_state.step if unet_state else 0}")
+        log(f"pretrain_toy: resuming from {ckpt_path}: vae step {vae_state.step}, "
+            f"unet step {unet_state.step if unet_state else 0}")
     if unet_state is not None and unet_state.spent(cfg.unet_steps, cfg.unet_minutes) and _outputs_current(output, unet_state):
-        _log("pretrain_toy: the run is complete and its outputs are written; nothing to do (raise --unet-minutes "
-             "or --unet-steps to train on, or pass --overwrite to start over)")
+        log("pretrain_toy: the run is complete and its outputs are written; nothing to do (raise --unet-minutes "
+            "or --unet-steps to train on, or pass --overwrite to start over)")
         return output
 
     wall = dict(ckpt["wall_s"]) if ckpt else {}
@@ -395,7 +316,7 @@ def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible (use --device cpu or auto)")
+        raise UserValueError("--device cuda: no CUDA device is visible (use --device cpu or auto)")
     components.to(device)
     vae, unet, text_encoder = components.vae, components.unet, components.text_encoder
     t = time.perf_counter()
@@ -417,8 +338,8 @@ def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
 
     def save_checkpoint():
         wall["vae"], wall["unet"] = vae_state.elapsed_s, unet_state.elapsed_s if unet_state else 0.0
-        _save_atomic({
-            "format": 1, "identity": run_identity(cfg), "wall_s": wall, **state,
+        save_state({
+            "format": 1, "identity": run_identity(cfg, job="pretrain_toy"), "wall_s": wall, **state,
             "vae_phase": dataclasses.asdict(vae_state), "vae": vae.state_dict(),
             "vae_optimizer": None if unet_state else vae_optimizer.state_dict(),
             "unet_phase": dataclasses.asdict(unet_state) if unet_state else None,
@@ -427,6 +348,7 @@ def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
             "ema_text_encoder": ema_text_encoder.state_dict() if ema_text_encoder else None,
             "unet_optimizer": unet_optimizer.state_dict() if unet_optimizer else None,
         }, ckpt_path)
+        write_phase_losses(output, vae_state, unet_state)
 
     resumed = ckpt is not None
     if unet_state is None:
@@ -443,14 +365,14 @@ def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
 
         vae.train()
         run_phase("vae", vae_step, vae_state, max_steps=cfg.vae_steps, max_minutes=cfg.vae_minutes,
-                  log_every=cfg.log_every, checkpoint_minutes=cfg.checkpoint_minutes,
-                  save_checkpoint=save_checkpoint, csv_path=output / "logs" / "vae" / "loss.csv")
+                  batch_size=cfg.vae_batch_size, log_every=cfg.log_every, checkpoint_minutes=cfg.checkpoint_minutes,
+                  save_checkpoint=save_checkpoint)
         vae.eval()
         state["vae_psnr"] = reconstruction_psnr(vae, val_images)
     elif not vae_state.spent(cfg.vae_steps, cfg.vae_minutes):
-        _log("pretrain_toy: the VAE is frozen once the UNet phase has begun; its larger budget is ignored")
+        log("pretrain_toy: the VAE is frozen once the UNet phase has begun; its larger budget is ignored")
     vae.eval().requires_grad_(False)
-    _log(f"vae: {vae_state.step} steps, {vae_state.elapsed_s / 60:.1f} min, held-out PSNR {state['vae_psnr']:.2f} dB")
+    log(f"vae: {vae_state.step} steps, {vae_state.elapsed_s / 60:.1f} min, held-out PSNR {state['vae_psnr']:.2f} dB")
 
     # ---- phase 2: UNet + text encoder on the VAE's latents
     t = time.perf_counter()
@@ -461,7 +383,7 @@ def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
         state["latent_mean"] = float(latent_mean.mean())
     scale = state["scaling_factor"]
     vae.register_to_config(scaling_factor=scale)
-    _log(f"latents: scaling factor {scale:.4f} (1/std), mean {state['latent_mean']:.4f}")
+    log(f"latents: scaling factor {scale:.4f} (1/std), mean {state['latent_mean']:.4f}")
 
     ids = token_ids(components.tokenizer, captions).to(device)
     empty_ids = token_ids(components.tokenizer, [""])[0].to(device)
@@ -475,7 +397,7 @@ def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
         ema_text_encoder.load_state_dict(ckpt["ema_text_encoder"])
         unet_optimizer.load_state_dict(ckpt["unet_optimizer"])
     else:
-        unet_state = PhaseState()
+        unet_state = Progress()
     for m in (ema_unet, ema_text_encoder):
         m.eval().requires_grad_(False)
 
@@ -501,12 +423,10 @@ def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
     unet.train()
     text_encoder.train()
     run_phase("unet", unet_step, unet_state, max_steps=cfg.unet_steps, max_minutes=cfg.unet_minutes,
-              log_every=cfg.log_every, checkpoint_minutes=cfg.checkpoint_minutes, save_checkpoint=save_checkpoint,
-              csv_path=output / "logs" / "unet" / "loss.csv",
-              interrupt_at_step=None if resumed else cfg.simulate_interrupt_at_step)
-    save_checkpoint()
-    _log(f"unet: {unet_state.step} steps, {unet_state.elapsed_s / 60:.1f} min, "
-         f"final loss {final_loss(unet_state.history):.4f}")
+              batch_size=cfg.unet_batch_size, log_every=cfg.log_every, checkpoint_minutes=cfg.checkpoint_minutes,
+              save_checkpoint=save_checkpoint, interrupt_at_step=None if resumed else cfg.simulate_interrupt_at_step)
+    log(f"unet: {unet_state.step} steps, {unet_state.elapsed_s / 60:.1f} min, "
+        f"final loss {final_loss(unet_state.history):.4f}")
 
     # ---- outputs: the EMA weights as a diffusers directory, then what a person looks at
     trained = Components(name="toy-sd", unet=ema_unet.cpu(), vae=vae.cpu(), text_encoder=ema_text_encoder.cpu(),
@@ -516,7 +436,7 @@ def pretrain_toy_sd(cfg: PretrainConfig, command: str | None = None) -> Path:
     return output
 
 
-def _outputs_current(output: Path, unet_state: PhaseState) -> bool:
+def _outputs_current(output: Path, unet_state: Progress) -> bool:
     """The diffusers directory and report exist and reflect the checkpoint's last UNet step."""
     report = output / REPORT
     if not all((output / p).exists() for p in DIFFUSERS_PARTS) or not report.is_file():
@@ -524,18 +444,20 @@ def _outputs_current(output: Path, unet_state: PhaseState) -> bool:
     return json.loads(report.read_text()).get("steps", {}).get("unet") == unet_state.step
 
 
-def write_outputs(cfg: PretrainConfig, output: Path, trained: Components, vae_state: PhaseState,
-                  unet_state: PhaseState, state: dict, wall: dict, command: str | None) -> None:
+def write_phase_losses(output: Path, vae_state: Progress, unet_state: Progress | None) -> None:
+    """logs/{vae,unet}/loss.csv and loss.png of the phases so far (with every checkpoint, and the outputs)."""
+    write_loss_files(output / "logs" / "vae", vae_state.history, "toy-sd VAE", ylabel="L1 + MSE + KL",
+                     log_scale=True)
+    if unet_state is not None:
+        write_loss_files(output / "logs" / "unet", unet_state.history, "toy-sd UNet + text encoder (v-prediction)")
+
+
+def write_outputs(cfg: PretrainConfig, output: Path, trained: Components, vae_state: Progress,
+                  unet_state: Progress, state: dict, wall: dict, command: str | None) -> None:
     """The diffusers directory (save_pretrained), loss curves, samples.png (from the directory as
     written, loaded back like any model), pretrain.json and MODEL_CARD.md."""
-    from calora_ray.plots import plot_loss
-    from calora_ray.sampling import image_grid, sample_images
-
     save_components(trained, output)
-    plot_loss([h["step"] for h in vae_state.history], [h["loss"] for h in vae_state.history],
-              output / "logs" / "vae" / "loss.png", title="toy-sd VAE", ylabel="L1 + MSE + KL", log_scale=True)
-    plot_loss([h["step"] for h in unet_state.history], [h["loss"] for h in unet_state.history],
-              output / "logs" / "unet" / "loss.png", title="toy-sd UNet + text encoder (v-prediction)")
+    write_phase_losses(output, vae_state, unet_state)
     t = time.perf_counter()
     loaded = load_components(str(output))
     prompts = sample_prompts()
@@ -632,7 +554,7 @@ DDIM {cfg.sample_steps} steps, guidance {cfg.guidance}; every style x viewpoint,
 The phases have step budgets (`--vae-steps`, `--unet-steps`; `--vae-minutes` / `--unet-minutes`
 time-box a phase instead, and then a busier machine takes fewer steps). Every step's draws derive
 from (seed, phase, step), so the same command on the same device and torch build retraces the same
-run; `checkpoint.pt` (not committed) lets it continue an interrupted run, which is not guaranteed to
+run; `{CHECKPOINT}` (not committed) lets it continue an interrupted run, which is not guaranteed to
 equal an uninterrupted one bit for bit. A CUDA run (`--device cuda`) draws the same batches but its
 float arithmetic differs, so its weights differ from a CPU run's.
 
