@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 # The scripts run as `python benchmarks/<script>.py` from a checkout, installed or not.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # (imports below this line are deliberately late: they need the path above)
 from calora_ray.concepts import resolve_concept
 from calora_ray.lora import attach_lora

@@ -18,18 +18,17 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
-from calora_ray.datasets import open_dataset  # noqa: E402
-from calora_ray.data.labels import NUM_CLASSES, colorize  # noqa: E402
-from calora_ray.generation import MaskGenerator, build_prompt  # noqa: E402
-from calora_ray.metrics import confusion_matrix, mean_iou  # noqa: E402
-from calora_ray.probe import load_probe  # noqa: E402
-from calora_ray.sampling import image_grid  # noqa: E402
-from calora_ray.toyworld.world import first_person_indices  # noqa: E402
+from calora_ray.datasets import open_dataset
+from calora_ray.data.labels import NUM_CLASSES, colorize
+from calora_ray.generation import MaskGenerator, build_prompt
+from calora_ray.metrics import confusion_matrix, mean_iou
+from calora_ray.probe import load_probe
+from calora_ray.sampling import image_grid
+from calora_ray.toyworld.world import first_person_indices
 
 
 def held_out_masks(n: int) -> list[tuple[str, np.ndarray, str, np.ndarray]]:

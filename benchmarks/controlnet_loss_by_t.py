@@ -15,16 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from calora_ray.datasets import open_dataset  # noqa: E402
-from calora_ray.generation import control_tensor  # noqa: E402
-from calora_ray.losses import diffusion_target, noisy_latents  # noqa: E402
-from calora_ray.models import encode_images, encode_prompts, load_components  # noqa: E402
-from calora_ray.toyworld.world import first_person_indices  # noqa: E402
+from calora_ray.datasets import open_dataset
+from calora_ray.controlnet import control_tensor
+from calora_ray.losses import diffusion_target, noisy_latents
+from calora_ray.models import encode_images, encode_prompts, load_components
+from calora_ray.toyworld.world import first_person_indices
 
 TIMESTEPS = (999, 900, 700, 500, 300)
 

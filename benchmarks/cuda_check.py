@@ -18,19 +18,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from calora_ray.concepts import resolve_concept  # noqa: E402
-from calora_ray.config import TrainingConfig  # noqa: E402
-from calora_ray.datasets import open_dataset  # noqa: E402
-from calora_ray.lora import attach_lora, save_lora  # noqa: E402
-from calora_ray.models import expand_conditioning, load_components, resolve_dtype  # noqa: E402
-from calora_ray.scoring import score_samples  # noqa: E402
-from calora_ray.selection import select_top_k  # noqa: E402
-from calora_ray.sensitivity import (SensitivitySums, find_candidates, grad_only_for,  # noqa: E402
+from calora_ray.concepts import resolve_concept
+from calora_ray.config import TrainingConfig
+from calora_ray.datasets import open_dataset
+from calora_ray.lora import attach_lora, save_lora
+from calora_ray.models import expand_conditioning, load_components, resolve_dtype
+from calora_ray.scoring import score_samples
+from calora_ray.selection import select_top_k
+from calora_ray.sensitivity import (SensitivitySums, find_candidates, grad_only_for,
                                     sample_gradient_norms)
-from calora_ray.training import diffusion_step_loss, lora_task, train  # noqa: E402
+from calora_ray.training import diffusion_step_loss, lora_task, train
 
 CUDA = torch.device("cuda")
 

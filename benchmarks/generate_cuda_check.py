@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None):
@@ -33,12 +32,8 @@ def main(argv=None):
 
     from calora_ray.config import GenerateConfig, build_config
     from calora_ray.datasets import open_dataset
-    from calora_ray.generation import (
-        MaskGenerator,
-        ShardGenerator,
-        build_prompt,
-        conditioning_channels,
-    )
+    from calora_ray.controlnet import conditioning_channels
+    from calora_ray.generation import MaskGenerator, ShardGenerator, build_prompt
     from calora_ray.models import build_tiny
 
     controlnet_dir = out / "controlnet"
@@ -74,11 +69,11 @@ def main(argv=None):
     cfg = build_config(GenerateConfig, {"model": "tiny", "controlnet": str(controlnet_dir), "num_samples": 8,
                                         "rows_per_shard": 8, "steps": 5, "output": str(out / "shards")})
     from calora_ray.masks import list_masks
-    from calora_ray.shards import ShardStore, read_dataset
+    from calora_ray.shards import ShardStore, read_table
 
     ShardStore(cfg.output).prepare({"check": True}, overwrite=True)
     record = ShardGenerator(cfg, list_masks("toy", resolution=64), 64, device="cuda").make_shard(0)
-    report["shard"] = {"rows": record["rows"], "read_back": read_dataset(cfg.output).num_rows}
+    report["shard"] = {"rows": record["rows"], "read_back": read_table(cfg.output).num_rows}
     text = json.dumps(report, indent=2)
     (out / "generate_cuda_check.json").write_text(text + "\n")
     print(text)

@@ -24,14 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_controlnet(path: Path) -> None:
     import torch
     from diffusers import ControlNetModel
 
-    from calora_ray.generation import conditioning_channels
+    from calora_ray.controlnet import conditioning_channels
     from calora_ray.models import build_tiny
 
     controlnet = ControlNetModel.from_unet(build_tiny(0).unet, conditioning_embedding_out_channels=conditioning_channels(4))
@@ -62,7 +61,7 @@ def child(args) -> None:
     if args.child == "ray":
         import ray
 
-        from calora_ray.generation import run_generate
+        from calora_ray.ray_data import run_generate
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         start = time.perf_counter()

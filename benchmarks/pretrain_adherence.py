@@ -19,11 +19,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calora_ray.config import PretrainConfig, parse_config  # noqa: E402
-from calora_ray.measure import measure_model  # noqa: E402
-from calora_ray.toyworld.pretrain import pretrain_toy_sd  # noqa: E402
+from calora_ray.config import PretrainConfig, parse_config
+from calora_ray.measure import measure_model
+from calora_ray.toyworld.pretrain import pretrain_toy_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_STEP_S = {"vae": 0.76, "unet": 1.06}   # 2 idle cores, committed batch sizes (jobs/configs/toy-sd.yaml)

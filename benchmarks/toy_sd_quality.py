@@ -18,9 +18,8 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calora_ray.measure import measure_model, summary_lines  # noqa: E402
+from calora_ray.measure import measure_model, summary_lines
 
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 BAR = 0.9

@@ -234,11 +234,6 @@ def read_table(uri: str, columns: list[str] | None = None, max_rows: int | None 
     return pa.concat_tables(tables)
 
 
-def read_dataset(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """Every committed row of a generate output (its data/ directory) as one pyarrow Table."""
-    return read_table(uri, columns)
-
-
 # ----------------------------------------------------------------------------- manifest, card, preview
 
 

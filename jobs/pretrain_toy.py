@@ -7,7 +7,7 @@ First a VAE (reconstruction + small KL), then a latent UNet with a CLIP text enc
 (v-prediction, cosine schedule, EMA), each within its time budget. Writes a standard diffusers
 directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) with
 MODEL_CARD.md, samples.png, pretrain.json and logs/{vae,unet}/loss.{csv,png}. Running the same
-command again continues from OUTPUT/checkpoint.pt; --overwrite starts over.
+command again continues from OUTPUT/checkpoint.safetensors; --overwrite starts over.
 """
 
 import shlex

@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 
 from calora_ray.config import TrainingConfig, build_config
-from calora_ray.controlnet import CONTROLNET_FILES
+from calora_ray.controlnet import CONTROLNET_FILES, load_controlnet
 from calora_ray.datasets import open_dataset
 from calora_ray.models import load_components
-from calora_ray.plots import plot_loss
 from calora_ray.toyworld.world import first_person_indices
-from calora_ray.training import controlnet_task, train
+from calora_ray.training import controlnet_task, train, write_loss_files
 
 
 def _render(args: tuple[int, int, int]) -> dict:
@@ -83,9 +82,7 @@ def main(argv=None):
     task = controlnet_task(components, caption=None, seed=args.seed, timesteps=args.timesteps,
                            proportion_empty_prompts=args.proportion_empty_prompts)
     if args.init:
-        from diffusers import ControlNetModel
-
-        task.module.load_state_dict(ControlNetModel.from_pretrained(args.init).state_dict())
+        task.module.load_state_dict(load_controlnet(args.init, "--init").state_dict())
     tc = build_config(TrainingConfig, {"steps": args.steps, "batch_size": args.batch_size,
                                        "learning_rate": args.learning_rate, "seed": args.seed,
                                        "lr_warmup_steps": 100, "log_every": 25,
@@ -103,9 +100,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - t0
     task.module.to("cpu")
     task.save_final(out)
-    (out / "loss.csv").write_text("step,loss\n" + "".join(f"{h['step']},{h['loss']}\n" for h in history))
-    plot_loss([h["step"] for h in history], [h["loss"] for h in history], out / "loss.png",
-              title="toy-sd segmentation ControlNet")
+    write_loss_files(out, history, "toy-sd segmentation ControlNet")
     (out / "controlnet.json").write_text(json.dumps({
         "base_model": args.model, "data": "toy:world train, first-person renders with their captions",
         "training_images": len(dataset), "steps": args.steps, "batch_size": args.batch_size,
