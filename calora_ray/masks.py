@@ -22,7 +22,6 @@ a shorter side than the generation resolution (labels are only ever downscaled, 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ from calora_ray.data.labels import MaskError
 from calora_ray.data.png import decode_label_png
 from calora_ray.datasets import open_dataset
 from calora_ray.errors import UserFileNotFoundError, UserValueError
-from calora_ray.shards import parquet_files, url_to_fs
+from calora_ray.shards import RowReader, parquet_files, url_to_fs
 from calora_ray.toyworld.splits import TOY_SEED_STRIDE
 
 LABEL_COLUMN = "label"
@@ -164,8 +163,7 @@ class MaskReader:
     consecutive masks; holds no state that matters (one per worker)."""
 
     def __init__(self, cache_row_groups: int = 4):
-        self._cache: OrderedDict = OrderedDict()
-        self._cache_size = cache_row_groups
+        self._rows = RowReader([LABEL_COLUMN], cache_row_groups)
         self._toy: dict = {}
 
     def load(self, ref: MaskRef | str) -> np.ndarray:
@@ -192,34 +190,13 @@ class MaskReader:
         return self._toy[key][ref.index]["label"]
 
     def _parquet_cell(self, uri: str, row: int) -> bytes:
-        fs, path = url_to_fs(uri)
-        key = (uri, "meta")
-        if key not in self._cache:
-            with fs.open(path, "rb") as fh:
-                self._remember(key, pq.ParquetFile(fh).metadata)
-        meta = self._cache[key]
-        start = 0
-        for group in range(meta.num_row_groups):
-            n = meta.row_group(group).num_rows
-            if row < start + n:
-                break
-            start += n
-        else:
-            raise MaskError(f"{uri} row {row}: the file has only {meta.num_rows} rows")
-        gkey = (uri, group)
-        if gkey not in self._cache:
-            with fs.open(path, "rb") as fh:
-                self._remember(gkey, pq.ParquetFile(fh).read_row_group(group, columns=[LABEL_COLUMN]).column(0))
-        self._cache.move_to_end(gkey)
-        value = self._cache[gkey][row - start].as_py()
+        try:
+            value = self._rows.read(uri, row)[LABEL_COLUMN]
+        except UserValueError as e:
+            raise MaskError(str(e)) from None
         if not isinstance(value, (bytes, bytearray)):
             raise MaskError(f"{uri} row {row}: '{LABEL_COLUMN}' is not PNG bytes (got {type(value).__name__})")
         return bytes(value)
-
-    def _remember(self, key, value) -> None:
-        self._cache[key] = value
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
 
 
 def check_mask(reader: MaskReader, ref: MaskRef, resolution: int) -> str | None:

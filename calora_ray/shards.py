@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import uuid
+from collections import OrderedDict
 
 import fsspec
 import numpy as np
@@ -32,7 +33,7 @@ from PIL import Image
 
 from .data.labels import CLASS_NAMES, colorize
 from .data.png import decode_image, decode_label_png
-from .errors import UserFileNotFoundError
+from .errors import UserFileNotFoundError, UserValueError
 from .outputs import RUN_RECORD, prepare_run
 from .plots import image_grid
 
@@ -232,6 +233,46 @@ def read_table(uri: str, columns: list[str] | None = None, max_rows: int | None 
     if not tables:
         return (SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns if c in SCHEMA.names])).empty_table()
     return pa.concat_tables(tables)
+
+
+class RowReader:
+    """Single rows of Parquet files by (uri, row): what a mask reference or a segmenter's sample
+    points at. Keeps the last few row groups (of `columns` only), since consecutive rows share one;
+    holds no state that matters (one per worker)."""
+
+    def __init__(self, columns: list[str], cache_row_groups: int = 4):
+        self.columns = list(columns)
+        self._groups: OrderedDict = OrderedDict()
+        self._meta: dict = {}
+        self._cache_size = cache_row_groups
+
+    def read(self, uri: str, row: int) -> dict:
+        """{column: value} of row `row` of the Parquet file at `uri`; a UserValueError naming the
+        file and row when the file is shorter or lacks a column."""
+        fs, path = url_to_fs(uri)
+        if uri not in self._meta:
+            with fs.open(path, "rb") as handle:
+                self._meta[uri] = pq.ParquetFile(handle).metadata
+        meta, start = self._meta[uri], 0
+        missing = [c for c in self.columns if c not in meta.schema.names]
+        if missing:
+            raise UserValueError(f"{uri}: no '{missing[0]}' column (columns: {', '.join(meta.schema.names)})")
+        for group in range(meta.num_row_groups):
+            n = meta.row_group(group).num_rows
+            if row < start + n:
+                break
+            start += n
+        else:
+            raise UserValueError(f"{uri} row {row}: the file has only {meta.num_rows} rows")
+        key = (uri, group)
+        if key not in self._groups:
+            with fs.open(path, "rb") as handle:
+                self._groups[key] = pq.ParquetFile(handle).read_row_group(group, columns=self.columns)
+            while len(self._groups) > self._cache_size:
+                self._groups.popitem(last=False)
+        self._groups.move_to_end(key)
+        table = self._groups[key]
+        return {c: table.column(c)[row - start].as_py() for c in self.columns}
 
 
 # ----------------------------------------------------------------------------- manifest, card, preview
