@@ -12,8 +12,6 @@ sampler's first steps). Same noise draws for every column and every ControlNet. 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 
 import numpy as np

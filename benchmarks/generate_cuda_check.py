@@ -11,7 +11,6 @@ Prints a JSON summary (also DIR/generate_cuda_check.json).
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -557,6 +557,14 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> tuple[list[str], int, int]:
     return modules, len(candidates), num_images
 
 
+def run_record(cfg, state: dict, num_images: int, run: str, elapsed: float) -> dict:
+    """What finetune.json and controlnet.json both report of a finished training run."""
+    return {"steps": state["step"], "batch_size": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_workers": cfg.num_workers,
+            "num_images": num_images, "final_loss": state["history"][-1]["loss"], "run": run,
+            "elapsed_s": round(elapsed, 3), "calora_ray_version": __version__, "config": to_dict(cfg)}
+
+
 def write_finetune_outputs(cfg: FinetuneConfig, weights: Path, state: dict, modules: list[str],
                            num_candidates: int, num_images: int, run: str, elapsed: float) -> None:
     """The adapter, loss.csv, loss.png and finetune.json, each written into place atomically."""
@@ -580,16 +588,7 @@ def write_finetune_outputs(cfg: FinetuneConfig, weights: Path, state: dict, modu
         "rank": cfg.rank,
         "alpha": cfg.lora_alpha,
         "trainable_params": lora_params,
-        "steps": state["step"],
-        "batch_size": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "num_workers": cfg.num_workers,
-        "num_images": num_images,
-        "final_loss": history[-1]["loss"],
-        "run": run,
-        "elapsed_s": round(elapsed, 3),
-        "calora_ray_version": __version__,
-        "config": to_dict(cfg),
+        **run_record(cfg, state, num_images, run, elapsed),
     }, indent=2, default=str) + "\n")
 
 
@@ -628,13 +627,5 @@ def write_controlnet_outputs(cfg: ControlNetConfig, checkpoint: Path, state: dic
         "model": cfg.model,
         "lora": cfg.lora,
         "lora_sha256": lora_sha,
-        "steps": state["step"],
-        "batch_size": cfg.batch_size,
-        "num_workers": cfg.num_workers,
-        "num_images": num_images,
-        "final_loss": history[-1]["loss"],
-        "run": run,
-        "elapsed_s": round(elapsed, 3),
-        "calora_ray_version": __version__,
-        "config": to_dict(cfg),
+        **run_record(cfg, state, num_images, run, elapsed),
     }, indent=2, default=str) + "\n")

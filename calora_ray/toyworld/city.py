@@ -160,6 +160,15 @@ class Layout:
     # "beams" HxW float32 (head-light beams), "sun" (shadow direction, street frame).
     hints: dict = field(default_factory=dict)
 
+    @classmethod
+    def empty(cls, height: int, width: int, label: int, face: int, focal: float, horizon: float) -> "Layout":
+        """A layout of one `label` and `face` everywhere, at depth SKY_DEPTH: what a scene draws on."""
+        return cls(label=np.full((height, width), label, np.uint8),
+                   depth=np.full((height, width), SKY_DEPTH, np.float32),
+                   face=np.full((height, width), face, np.uint8), part=np.zeros((height, width), np.uint8),
+                   instance=np.zeros((height, width), np.int32), uv=np.zeros((height, width, 2), np.float32),
+                   focal=focal, horizon=horizon)
+
     def new_instance(self, label: int) -> int:
         """A fresh instance id for an object of class `label`."""
         self.instance_labels.append(label)
@@ -535,15 +544,7 @@ def sample_layout(rng: np.random.Generator, geometry: Geometry, size: int | tupl
     horizon = (g.horizon + rnd.uniform(-1, 1) * g.horizon_jitter) * height
     x_vanish = (0.5 + rnd.uniform(-1, 1) * g.yaw_jitter) * width
     cam = _Camera(height, width, g.focal * width, horizon, x_vanish, g.camera_height)
-    L = Layout(
-        label=np.full((height, width), SKY, np.uint8),
-        depth=np.full((height, width), SKY_DEPTH, np.float32),
-        face=np.full((height, width), FACE_SKY, np.uint8),
-        part=np.zeros((height, width), np.uint8),
-        instance=np.zeros((height, width), np.int32),
-        uv=np.zeros((height, width, 2), np.float32),
-        focal=cam.f, horizon=horizon,
-    )
+    L = Layout.empty(height, width, SKY, FACE_SKY, focal=cam.f, horizon=horizon)
 
     # Street cross-section: a two-way street (an even number of lanes); the camera drives in one
     # of the right-hand lanes, so the road's centre (and all placed relative to it) is at X = xc.

@@ -29,7 +29,6 @@ from calora_ray.toyworld.city import (
     POLE,
     ROAD,
     SIDEWALK,
-    SKY_DEPTH,
     TERRAIN,
     VEGETATION,
     Draws,
@@ -169,15 +168,7 @@ def sample_topdown_layout(rng: np.random.Generator, size: int | tuple[int, int])
     T = _TopView(height, width, extent / width, theta, ox, oy)
     mpp = T.mpp
     reach = 0.75 * extent * max(height, width) / width + 6.0         # half-size of what must be drawn
-    L = Layout(
-        label=np.full((height, width), TERRAIN, np.uint8),
-        depth=np.full((height, width), SKY_DEPTH, np.float32),
-        face=np.full((height, width), FACE_GROUND, np.uint8),
-        part=np.zeros((height, width), np.uint8),
-        instance=np.zeros((height, width), np.int32),
-        uv=np.zeros((height, width, 2), np.float32),
-        focal=1.0 / mpp, horizon=0.0,
-    )
+    L = Layout.empty(height, width, TERRAIN, FACE_GROUND, focal=1.0 / mpp, horizon=0.0)
 
     # The streets: the main road along X; a cross road along Y (both ways, or one way: a T).
     net = rnd.random()
