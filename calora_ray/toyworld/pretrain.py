@@ -1,6 +1,6 @@
 """Pretrain `toy-sd` on the pretraining world, on CPU (jobs/pretrain_toy.py).
 
-Two time-boxed phases, as the CPU prototype found (/work/shared/TOYWORLD.md):
+Two phases with step (or time) budgets, as a CPU prototype found (docs/toyworld.md, "Why this recipe"):
 
 1. an AutoencoderKL (f = 4: 64x64 images -> 4x16x16 latents) with L1 + MSE reconstruction and a
    small KL, then the latent scaling factor 1/std measured on the training renders;
