@@ -33,8 +33,8 @@ def make_controlnet(path: Path) -> None:
     from calora_ray.controlnet import conditioning_channels
     from calora_ray.models import build_tiny
 
+    torch.manual_seed(0)  # before from_unet: its conditioning embedding draws from the global generator
     controlnet = ControlNetModel.from_unet(build_tiny(0).unet, conditioning_embedding_out_channels=conditioning_channels(4))
-    torch.manual_seed(0)
     with torch.no_grad():
         for m in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             m.weight.normal_(0, 0.05)
