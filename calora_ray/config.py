@@ -310,8 +310,8 @@ class PretrainConfig:
     output: str = field(default="models/toy-sd", metadata=_help(
         "Output (and run) directory: a standard diffusers directory (model_index.json, unet/, vae/, "
         "text_encoder/, tokenizer/, scheduler/), MODEL_CARD.md, samples.png, pretrain.json, "
-        "logs/{vae,unet}/loss.{csv,png} and checkpoint.pt. Running the same command again resumes "
-        "from checkpoint.pt.", identity=False))
+        "logs/{vae,unet}/loss.{csv,png} and checkpoint.safetensors. Running the same command again "
+        "resumes from checkpoint.safetensors.", identity=False))
     overwrite: bool = field(default=False, metadata=_help(
         "Delete the output directory (and its checkpoint) first and start over.", identity=False))
     seed: int = field(default=0, metadata=_help(
@@ -358,7 +358,7 @@ class PretrainConfig:
     log_every: int = field(default=10, metadata=_help(
         "Write a loss.csv row (the mean loss since the last row) every N steps.", identity=False))
     checkpoint_minutes: float = field(default=5.0, metadata=_help(
-        "Save checkpoint.pt every N minutes of training (and at the end of each phase, and on Ctrl-C).", identity=False))
+        "Save checkpoint.safetensors every N minutes of training (and at the end of each phase, and on Ctrl-C).", identity=False))
     sample_images: int = field(default=4, metadata=_help(
         "Images per prompt in samples.png (prompts: every style x viewpoint, clear and 4 conditions).", identity=False))
     sample_steps: int = field(default=25, metadata=_help("DDIM steps of the sample grid.", identity=False))
