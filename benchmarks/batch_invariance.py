@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -42,12 +41,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import machine  # noqa: E402  (benchmarks/common.py, beside this script)
 
 CONDITIONS = ("clear", "foggy", "night", "rainy", "snowy")
 TOY_SD, TOY_CONTROLNET = ROOT / "models" / "toy-sd", ROOT / "models" / "toy-sd-controlnet"
@@ -163,19 +162,6 @@ def fmt(c: dict) -> list[str]:
     return [f"{c['identical']:.2f}", str(c["max"]), f"{c['mean']:.1e}" if c["mean"] else "0",
             f"{100 * c['differing']:.3f} %", "n/a" if c["float_max"] is None else
             f"{c['float_max']:.1e}" if c["float_max"] else "0"]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import diffusers
-
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, diffusers {diffusers.__version__}, "
-            f"python {platform.python_version()}")
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:
