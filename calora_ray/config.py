@@ -263,11 +263,11 @@ class FinetuneConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfig)
             raise ConfigError(f"--rank must be >= 1, got {self.rank}")
         if self.alpha is not None and self.alpha <= 0:
             raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
+        _check_next(self, FinetuneConfig)
 
     @property
     def lora_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
-        _check_next(self, FinetuneConfig)
 
 
 @dataclass
