@@ -670,6 +670,86 @@ class ServeConfig(ModelConfig, Limits):
         _check_next(self, ServeConfig)
 
 
+@dataclass
+class EvaluateConfig:
+    """jobs/evaluate.py: does a synthetic dataset help a segmenter? Train mmsegmentation on the few
+    real images alone and on real + each synthetic set (mixed per batch), same schedule and seeds;
+    mIoU on held-out real images, as Ray tasks (one per set and seed)."""
+
+    real: str = field(default="toy:target", metadata=_help(
+        "The real training images: 'toy:target' (= 'toy'), 'toy:source', or a Cityscapes-layout directory "
+        "(leftImg8bit/<split>/<city>/*_leftImg8bit.png + gtFine/<split>/<city>/*_gtFine_labelIds.png)."))
+    real_split: str = field(default="train", metadata=_help("Split of --real."))
+    real_images: int | None = field(default=30, metadata=_help(
+        "Train on the first N images of --real (the few-shot set); none: every image of the split."))
+    val: str | None = field(default=None, metadata=_help(
+        "The held-out real images mIoU is measured on (same kinds as --real); default: --real."))
+    val_split: str = field(default="val", metadata=_help("Split of --val (never the training images)."))
+    val_images: int | None = field(default=None, metadata=_help(
+        "Evaluate on the first N images of --val; default: all (toy: 100)."))
+    synthetic: list[str] = field(default_factory=list, metadata=_help(
+        "Synthetic sets, each trained with the real images in its own runs: jobs/generate.py outputs "
+        "(committed shards only) or any Parquet files with 'image' and 'label' PNG columns; paths or any "
+        "fsspec URI. A rerun with more sets trains only the new sets' runs.", identity=False))
+    synthetic_rows: int | None = field(default=None, metadata=_help(
+        "Use at most the first N rows of each synthetic set (default: all)."))
+    synthetic_ratio: float = field(default=0.5, metadata=_help(
+        "Share of every training batch drawn from the synthetic set (the paper: 0.5, i.e. 1:1)."))
+    model_config: str = field(default="toy-fcn-r18-w16", metadata=_help(
+        "The segmenter: a config shipped in calora_ray/seg_configs ('toy-fcn-r18-w16', 'toy-segformer-b0', "
+        "'cityscapes-segformer-b5', 'cityscapes-deeplabv3plus-r101'), 'mmseg::<path>' (a config shipped "
+        "with mmsegmentation), or a path to any mmseg config file. Its model, optimizer, schedule and "
+        "pipelines are used; the data, iterations and evaluation are this job's."))
+    iters: int | None = field(default=None, metadata=_help(
+        "Training iterations of every run; default: the model config's (toy configs: 2000)."))
+    batch_size: int | None = field(default=None, metadata=_help(
+        "Images per training batch (real + synthetic); default: the model config's."))
+    seeds: int = field(default=3, metadata=_help(
+        "Runs per set, with seeds 0..N-1 (model init, batches, augmentation). A rerun with more seeds "
+        "adds runs.", identity=False))
+    val_interval: int | None = field(default=None, metadata=_help(
+        "Also evaluate every N iterations (recorded in the run's metrics.json); default: only at the end.",
+        identity=False))
+    loader_workers: int | None = field(default=None, metadata=_help(
+        "DataLoader worker processes per run; default: the model config's.", identity=False))
+    num_gpus_per_trial: float | None = field(default=None, metadata=_help(
+        "GPUs per run (Ray task); default: 1 when the cluster has GPUs, else 0. Runs go in parallel as "
+        "far as the cluster's GPUs (or CPUs) allow.", identity=False))
+    cpus_per_trial: int | None = field(default=None, metadata=_help(
+        "CPUs reserved per run (its torch threads and loader workers); default: with GPUs, the cluster's "
+        "CPUs per GPU; without, every CPU (runs one after another).", identity=False))
+    resource_wait_s: float = field(default=60.0, metadata=_help(
+        "How long to wait for the cluster (e.g. an autoscaler) to offer one run's CPUs/GPUs before "
+        "failing with a clear error.", identity=False))
+    output: str = field(default="outputs/evaluate", metadata=_help(
+        "Output directory: metrics.json, report.md, per_class_iou.png and runs/<set>/seed<k>/ (each "
+        "run's mmseg work dir: checkpoint, logs, its metrics.json). Running the same command again skips "
+        "the runs whose metrics are complete.", identity=False))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Delete the output directory first and start over.", identity=False))
+
+    def __post_init__(self):
+        for name in ("seeds", "resource_wait_s"):
+            if getattr(self, name) < (1 if name == "seeds" else 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= {1 if name == 'seeds' else 0}, "
+                                  f"got {getattr(self, name)}")
+        for name in ("real_images", "val_images", "synthetic_rows", "iters", "batch_size", "val_interval",
+                     "cpus_per_trial"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise ConfigError(f"--loader-workers must be >= 0, got {self.loader_workers}")
+        if self.num_gpus_per_trial is not None and self.num_gpus_per_trial < 0:
+            raise ConfigError(f"--num-gpus-per-trial must be >= 0, got {self.num_gpus_per_trial}")
+        if not 0 < self.synthetic_ratio < 1:
+            raise ConfigError(f"--synthetic-ratio must be in (0, 1), got {self.synthetic_ratio}")
+        if isinstance(self.val, str) and self.val.lower() in ("", "none", "null"):
+            self.val = None
+        if len(set(self.synthetic)) != len(self.synthetic):
+            raise ConfigError(f"--synthetic lists a set twice: {' '.join(self.synthetic)}")
+        _check_next(self, EvaluateConfig)
+
+
 # ----------------------------------------------------------------------------- parsing
 
 
@@ -841,4 +921,5 @@ def to_dict(cfg) -> dict[str, Any]:
 
 JOB_CONFIGS = {"score": ScoreConfig, "finetune": FinetuneConfig, "sample": SampleConfig,
                "pretrain_toy": PretrainConfig, "measure": MeasureConfig, "train_controlnet": ControlNetConfig,
-               "generate": GenerateConfig, "serve": ServeConfig}
+               "generate": GenerateConfig, "serve": ServeConfig,
+               "evaluate": EvaluateConfig}

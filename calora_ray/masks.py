@@ -26,14 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from calora_ray.data.cityscapes import LABEL_SUFFIX, TRAIN_IDS_SUFFIX
 from calora_ray.data.labels import MaskError
 from calora_ray.data.png import decode_label_png
 from calora_ray.datasets import open_dataset
 from calora_ray.errors import UserFileNotFoundError, UserValueError
-from calora_ray.shards import RowReader, parquet_files, url_to_fs
+from calora_ray.shards import RowReader, file_rows, file_uri, parquet_files, url_to_fs
 from calora_ray.toyworld.splits import TOY_SEED_STRIDE
 
 LABEL_COLUMN = "label"
@@ -106,12 +105,6 @@ class MaskRef:
         return self.uri
 
 
-def _uri(fs, path: str) -> str:
-    """A URI that url_to_fs maps back to (fs, path): plain for local files, protocol:// otherwise."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
-
-
 def list_masks(source: str, split: str = "train", num_masks: int | None = None,
                resolution: int = 64) -> list[MaskRef]:
     """The refs of the masks of `source` (see the module docstring), sorted; the first `num_masks`.
@@ -134,28 +127,17 @@ def list_masks(source: str, split: str = "train", num_masks: int | None = None,
         files = (sorted(fs.glob(f"{split_dir}/*/*{LABEL_SUFFIX}"))
                  or sorted(fs.glob(f"{split_dir}/*/*{TRAIN_IDS_SUFFIX}")))
         # a file with the right name that is no PNG is listed (and skipped later with its reason)
-        refs = [MaskRef.file(_uri(fs, f)) for f in files]
+        refs = [MaskRef.file(file_uri(fs, f)) for f in files]
     else:
         fs, files = parquet_files(source)
         if not files:
             raise UserFileNotFoundError(f"--masks {source}: neither a Cityscapes-layout directory (gtFine/{split}/"
                                         f"<city>/*{LABEL_SUFFIX}) nor Parquet files with a '{LABEL_COLUMN}' column")
-        refs = _parquet_refs(fs, files)
+        refs = [MaskRef.parquet(uri, row) for uri, rows in file_rows(fs, files, [LABEL_COLUMN], f"--masks {source}")
+                for row in range(rows)]
     if not refs:
         raise UserValueError(f"--masks {source}: holds no masks")
     return refs[:num_masks] if num_masks is not None else refs
-
-
-def _parquet_refs(fs, files: list[str]) -> list[MaskRef]:
-    refs = []
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            meta = pq.ParquetFile(fh).metadata
-            if LABEL_COLUMN not in meta.schema.names:
-                raise UserValueError(f"--masks {_uri(fs, f)}: Parquet file without a '{LABEL_COLUMN}' column "
-                                     f"(columns: {', '.join(meta.schema.names)})")
-            refs += [MaskRef.parquet(_uri(fs, f), row) for row in range(meta.num_rows)]
-    return refs
 
 
 class MaskReader:

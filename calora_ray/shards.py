@@ -216,6 +216,27 @@ def parquet_files(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     return fs, files
 
 
+def file_uri(fs, path: str) -> str:
+    """A URI that url_to_fs maps back to (fs, path): plain for local files, protocol:// otherwise."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
+
+
+def file_rows(fs, files: list[str], columns: list[str], what: str) -> list[tuple[str, int]]:
+    """(URI, number of rows) of each Parquet file, from its footer only; a UserValueError naming
+    `what` and the file when it lacks one of `columns`."""
+    out = []
+    for f in files:
+        with fs.open(f, "rb") as handle:
+            meta = pq.ParquetFile(handle).metadata
+        missing = [c for c in columns if c not in meta.schema.names]
+        if missing:
+            raise UserValueError(f"{what}: {file_uri(fs, f)} has no {' or '.join(repr(c) for c in missing)} column "
+                                 f"(columns: {', '.join(meta.schema.names)})")
+        out.append((file_uri(fs, f), meta.num_rows))
+    return out
+
+
 def read_table(uri: str, columns: list[str] | None = None, max_rows: int | None = None) -> pa.Table:
     """The rows at `uri` (`parquet_files`) as one pyarrow Table: the given columns, the first
     `max_rows` rows. Every reader of shards (measure, masks, the dataset card) goes through here."""
