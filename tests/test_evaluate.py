@@ -302,3 +302,21 @@ def test_tiny_real_plus_synthetic_run_through_ray(tmp_path, shards, tiny_config,
     # a rerun trains nothing: every run's metrics are complete
     code, text = run_job_main("evaluate", *args)
     assert code == 0 and "0 trained now, 2 complete already" in text, text
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SEG_CONFIG_DIR.glob("*.py")))
+def test_every_shipped_segmenter_config_builds_with_our_data(name):
+    """Each shipped --model-config reads, gets this job's loaders, data and 19 classes, and mmseg builds
+    its model (weights are not loaded: the GPU configs' ImageNet encoders download at training only)."""
+    cfg = evaluate_cfg("/tmp/unused", model_config=name, synthetic=["/tmp/unused-synthetic"])
+    run = plan_runs(cfg)[-1]  # the real + synthetic run
+    mc = build_run_config(cfg, run)
+    steps = [s["type"] for s in mc.train_dataloader["dataset"]["datasets"][1]["pipeline"]]
+    assert steps[:2] == ["LoadCaloraImage", "LoadCaloraAnnotations"] and "LoadImageFromFile" not in steps
+    assert mc.train_dataloader["sampler"]["source_ratio"] == [0.5, 0.5]
+    assert mc.train_cfg["max_iters"] == mc.default_hooks["checkpoint"]["interval"]
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        model = MODELS.build(mc.model)
+    aux = getattr(model, "auxiliary_head", None)
+    heads = [model.decode_head] + (list(aux) if isinstance(aux, torch.nn.ModuleList) else [aux] if aux else [])
+    assert all(h.num_classes == NUM_CLASSES for h in heads)
