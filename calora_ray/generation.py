@@ -35,6 +35,7 @@ from .config import GenerateConfig
 from .controlnet import control_image, controlnet_sha256, load_controlnet, vae_factor_of
 from .data.labels import NUM_CLASSES, class_names_present
 from .data.png import encode_png
+from .datasets import open_dataset
 from .errors import UserValueError
 from .lora import file_sha256, load_lora, lora_file
 from .masks import MaskReader, MaskRef
@@ -341,6 +342,30 @@ class ShardGenerator:
         return self.store.write_shard(k, data, len(indices), rows["sample_id"][0], rows["sample_id"][-1])
 
 
+def write_render_shards(uri: str, source: str, split: str = "train", start: int = 0, count: int = 500,
+                        rows_per_shard: int = 50) -> list[dict]:
+    """Images `start`..`start + count - 1` of a real set (`toy:target`, `toy:source`, a Cityscapes-
+    layout directory) written at `uri` as committed shards in this job's row format, with their exact
+    labels: what a perfect generator would give (a control set for jobs/evaluate.py, and the synthetic
+    set of benchmarks/segmenter_throughput.py). Returns the commit records."""
+    ds = open_dataset(source, split=split, num_images=start + count, resolution=None)
+    store, records = ShardStore(uri), []
+    for k, first in enumerate(range(start, start + count, rows_per_shard)):
+        rows: dict[str, list] = {name: [] for name in SCHEMA.names}
+        for i in range(first, min(start + count, first + rows_per_shard)):
+            item = ds[i]
+            label = item["label"]
+            row = {"sample_id": sample_id(0, i - start), "image": encode_png(item["image"]), "label": encode_png(label),
+                   "prompt": "", "condition": "", "seed": 0, "width": label.shape[1], "height": label.shape[0],
+                   "class_pixels": class_pixels(label), "model": f"{source} renders", "lora_sha256": "",
+                   "mask": f"{source} {split} {item['name']}"}
+            for name in SCHEMA.names:
+                rows[name].append(row[name])
+        records.append(store.write_shard(k, table_bytes(rows), len(rows["sample_id"]), rows["sample_id"][0],
+                                         rows["sample_id"][-1]))
+    return records
+
+
 __all__ = [
     "MaskGenerator",
     "SamplePlan",
@@ -353,4 +378,5 @@ __all__ = [
     "plan_sample",
     "sample_id",
     "sample_seed",
+    "write_render_shards",
 ]

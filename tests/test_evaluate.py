@@ -320,3 +320,25 @@ def test_every_shipped_segmenter_config_builds_with_our_data(name):
     aux = getattr(model, "auxiliary_head", None)
     heads = [model.decode_head] + (list(aux) if isinstance(aux, torch.nn.ModuleList) else [aux] if aux else [])
     assert all(h.num_classes == NUM_CLASSES for h in heads)
+
+
+def test_render_shards_read_back_as_the_renders_they_are(tmp_path):
+    """generation.write_render_shards (the control sets of docs/evaluation.md): committed shards whose
+    rows are the real set's images and exact labels, in order from `start`."""
+    from calora_ray.datasets import open_dataset
+    from calora_ray.generation import write_render_shards
+
+    records = write_render_shards(str(tmp_path / "oracle"), "toy:target", "train", start=30, count=5, rows_per_shard=2)
+    assert [r["rows"] for r in records] == [2, 2, 1]
+    want = open_dataset("toy:target", "train", 35, resolution=None)
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        ds = CaloraShardDataset(uri=str(tmp_path / "oracle"), pipeline=[
+            dict(type="LoadCaloraImage"), dict(type="LoadCaloraAnnotations"), dict(type="PackSegInputs")])
+        assert len(ds) == 5
+        for k in range(5):
+            item = ds[k]
+            assert np.array_equal(item["inputs"].permute(1, 2, 0).numpy(), want[30 + k]["image"][..., ::-1])
+            assert np.array_equal(item["data_samples"].gt_sem_seg.data[0].numpy(), want[30 + k]["label"])
+    table = read_table(str(tmp_path / "oracle"), ["class_pixels", "sample_id"])
+    assert table.column("sample_id").to_pylist()[0] == "s0-000000000"
+    assert sum(table.column("class_pixels")[0].as_py()) == int((want[30]["label"] != IGNORE_INDEX).sum())

@@ -2,7 +2,7 @@
 # on ResNetV1c-18 (output stride 8: dilated stages 3-4) at a quarter of its width (stem and base 16
 # channels instead of 64: 0.8M parameters), trained from scratch (no pretrained weights, nothing
 # downloaded) at the toy resolution, 64x64. The full-width R18 runs at ~2 images/s on 2 shared CPU
-# cores (the dilated 512-channel stage 4 alone is 0.6 GMAC per 64x64 image); this one at ~40. Plain BN
+# cores (the dilated 512-channel stage 4 alone is 0.6 GMAC per 64x64 image); this one at ~80 (docs/benchmarks.md). Plain BN
 # (one process per run). The job replaces the data sets, keeps this file's model, optimizer, schedule
 # and pipelines (LoadImageFromFile / LoadAnnotations become its loaders), and takes the iterations
 # from --iters (the schedule is stretched to them).
