@@ -2,11 +2,11 @@
 
 Every field becomes a flag of the same name (``top_k_percent`` -> ``--top-k-percent``) and a
 YAML key of the same name. A job config is one flat dataclass: the options several jobs share are
-small dataclasses (``ModelConfig``, ``DataConfig``, ``DistributedConfig``, ``TrainingConfig``)
-that a job config inherits, so ``cfg.model`` is the model and ``cfg.steps`` the steps, and a
-function that needs only the model options takes any config that has them. A YAML file may hold
-keys for several jobs: top-level keys apply to every job that has them, and a section named after
-a job (``score:``, ``finetune:``) applies to that job only.
+small dataclasses (``ModelConfig``, ``DataConfig``, ``DistributedConfig``, ``TrainingConfig``,
+``RayConnectConfig``) that a job config inherits, so ``cfg.model`` is the model and ``cfg.steps``
+the steps, and a function that needs only the model options takes any config that has them. A YAML
+file may hold keys for several jobs: top-level keys apply to every job that has them, and a section
+named after a job (``score:``, ``finetune:``) applies to that job only.
 
     cfg = parse_config(ScoreConfig, sys.argv[1:], job="score")
 """
@@ -101,6 +101,27 @@ class DistributedConfig:
         _check_next(self, DistributedConfig)
 
 
+@dataclass
+class RayConnectConfig:
+    """Which Ray cluster a job joins, and how long it waits for it (every job that starts Ray)."""
+
+    address: str | None = field(default=None, metadata=_help(
+        "The Ray cluster to join: host:port of its GCS, 'auto' (the cluster `ray start` recorded on this "
+        "machine, which must be running), 'local' (a fresh local cluster, even when one is recorded), or "
+        "ray://host:port (Ray Client). Default: RAY_ADDRESS (`ray job submit` sets it), else the cluster Ray "
+        "recorded on this machine, else a new local one.", identity=False))
+    ray_connect_timeout_s: float = field(default=60.0, metadata=_help(
+        "How long to wait for that cluster to answer before failing with an error that names its address "
+        "(a cluster whose processes died never answers).", identity=False))
+
+    def __post_init__(self):
+        if isinstance(self.address, str) and self.address.strip().lower() in ("", "none", "null"):
+            self.address = None
+        if not self.ray_connect_timeout_s > 0:
+            raise ConfigError(f"--ray-connect-timeout-s must be > 0, got {self.ray_connect_timeout_s}")
+        _check_next(self, RayConnectConfig)
+
+
 DATA_HELP = _help(
     "Image-label source: 'toy' (= 'toy:target', the procedural Cityscapes stand-in), "
     "'toy:source' (the other toy domain), or a directory in the Cityscapes layout "
@@ -129,7 +150,7 @@ class DataConfig:
 
 
 @dataclass
-class ScoreConfig(ModelConfig, DataConfig, DistributedConfig):
+class ScoreConfig(ModelConfig, DataConfig, DistributedConfig, RayConnectConfig):
     """jobs/score.py: concept sensitivity of every attention projection, and the top-k% selection."""
 
     concept: str = field(default="style", metadata=_help(
@@ -238,7 +259,7 @@ class TrainingConfig:
 
 
 @dataclass
-class FinetuneConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfig):
+class FinetuneConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfig, RayConnectConfig):
     """jobs/finetune.py: LoRA on the selected projections, trained with the diffusion loss."""
 
     data: str = field(default="toy:target", metadata=DATA_HELP)
@@ -453,7 +474,7 @@ class MeasureConfig:
 
 
 @dataclass
-class ControlNetConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfig):
+class ControlNetConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfig, RayConnectConfig):
     """jobs/train_controlnet.py: a segmentation ControlNet (conditioning: the colour-coded label map)
     trained on target (image, label) pairs on top of the base UNet with the CA-LoRA adapter applied."""
 
@@ -489,7 +510,7 @@ class ControlNetConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfi
 
 
 @dataclass
-class GenerateConfig(ModelConfig):
+class GenerateConfig(ModelConfig, RayConnectConfig):
     """jobs/generate.py: label maps -> a synthetic segmentation dataset in Parquet shards (Ray Data)."""
 
     lora: str | None = field(default=None, metadata=_help(
@@ -616,7 +637,7 @@ class Limits:
 
 
 @dataclass
-class ServeConfig(ModelConfig, Limits):
+class ServeConfig(ModelConfig, Limits, RayConnectConfig):
     """jobs/serve.py: the generator behind an HTTP endpoint (Ray Serve, FastAPI; OpenAPI at /docs)."""
 
     lora: str | None = field(default=None, metadata=_help(
@@ -671,7 +692,7 @@ class ServeConfig(ModelConfig, Limits):
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(RayConnectConfig):
     """jobs/evaluate.py: does a synthetic dataset help a segmenter? Train mmsegmentation on the few
     real images alone and on real + each synthetic set (mixed per batch), same schedule and seeds;
     mIoU on held-out real images, as Ray tasks (one per set and seed)."""

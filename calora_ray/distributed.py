@@ -10,6 +10,8 @@ Ray through `ray_report`. Distribution is configuration (config.DistributedConfi
 from __future__ import annotations
 
 import os
+import socket
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -71,13 +73,150 @@ def set_worker_threads() -> None:
 # ----------------------------------------------------------------------------- the driver side
 
 
-def ensure_ray() -> None:
-    """Connect to the cluster this job was submitted to (RAY_ADDRESS), or start a local one."""
+class ClusterConnectError(UserError, ConnectionError):
+    """The Ray cluster to join does not answer (checked with a bounded wait before ray.init)."""
+
+
+RECORDED = "the cluster Ray recorded on this machine"
+# The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (the GCS) answers with its own
+# SETTINGS frame (frame type 4), so a port that accepts connections but is not a GCS is told apart.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def resolve_ray_address(address: str | None = None) -> tuple[str | None, str]:
+    """(the address ray.init will join, where it came from), in Ray's own order: an explicit address,
+    except None and 'auto', wins over RAY_ADDRESS; then the cluster `ray start` recorded in Ray's temp
+    directory (RAY_TMPDIR, else TMPDIR, else /tmp: <dir>/ray/ray_current_cluster); for 'auto' also any
+    GCS process running on this machine. None: ray.init starts a new local cluster ('local', or
+    nothing given and nothing recorded)."""
+    from ray._private import services  # delayed: importing Ray takes seconds, bad input fails before
+
+    source = "--address"
+    env = os.environ.get("RAY_ADDRESS")
+    if env and address in (None, "auto"):
+        address, source = env, "RAY_ADDRESS"
+    if address is not None and address != "auto":
+        return (None if address == "local" else address), source
+    where = ("RAY_ADDRESS=auto: " if source == "RAY_ADDRESS" else "--address auto: ") if address == "auto" else ""
+    record = _address_file()
+    recorded = Path(record).read_text().strip() if os.path.exists(record) else None
+    if recorded:
+        return recorded, f"{where}{RECORDED} in {record}"
+    if address is None:
+        return None, "a new local cluster"
+    running = services.find_gcs_addresses()  # what ray.init('auto') falls back to
+    if not running:
+        raise ClusterConnectError(
+            f"{where}no Ray cluster found on this machine (none recorded in {record}, no GCS "
+            f"process running); start one with `ray start --head`, give its host:port, or use RAY_ADDRESS=local "
+            f"(--address local) for a fresh local cluster")
+    return next(iter(running)), f"{where}a Ray GCS process running on this machine"
+
+
+def _address_file() -> str:
+    """Where `ray start` records the cluster's address (what ray.init reads when given none):
+    <RAY_TMPDIR, else TMPDIR on Linux, else /tmp>/ray/ray_current_cluster."""
+    try:
+        import ray._common.utils  # delayed: importing Ray takes seconds, bad input fails before
+
+        return ray._common.utils.get_ray_address_file(None)
+    except (ImportError, AttributeError):  # another Ray version: its documented rule
+        base = os.environ.get("RAY_TMPDIR") or (sys.platform.startswith("linux") and os.environ.get("TMPDIR")) or "/tmp"
+        return os.path.join(base, "ray", "ray_current_cluster")
+
+
+def _gcs_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) ray.init will dial for a GCS address (localhost names become this machine's
+    address, as Ray does), or None when it is not host:port."""
+    from ray._private import services  # delayed: importing Ray takes seconds, bad input fails before
+
+    parsed = services.parse_address(address)
+    if parsed is None or not str(parsed[1]).isdigit():
+        return None
+    try:
+        return services.resolve_ip_for_localhost(parsed[0]), int(parsed[1])
+    except Exception:  # noqa: BLE001 - Ray would fail on it too; probe the host as written
+        return parsed[0], int(parsed[1])
+
+
+def _gcs_answers(host: str, port: int, timeout_s: float) -> str | None:
+    """None when a gRPC server answers at host:port within timeout_s, else what went wrong."""
+    end = time.monotonic() + timeout_s
+    try:
+        conn = socket.create_connection((host, port), timeout=max(0.1, timeout_s))
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return None  # a TLS GCS answers only after a handshake: the open port has to do
+        try:
+            conn.settimeout(max(0.1, end - time.monotonic()))
+            conn.sendall(_H2_PREFACE)
+            header = conn.recv(9)
+        except OSError:
+            header = b""
+        if len(header) >= 4 and header[3] == 4:
+            return None
+        return "accepts connections but does not answer as a Ray GCS"
+
+
+def _how_to_proceed(source: str) -> str:
+    if source == "RAY_ADDRESS":  # `ray job submit` sets it: then the cluster is gone
+        return ("start that cluster, point RAY_ADDRESS at a running one, or set RAY_ADDRESS=local for a fresh "
+                "local cluster")
+    if source == "--address":
+        return ("start that cluster, give the address of a running one, or use --address local for a fresh "
+                "local cluster")
+    return ("if its processes died, `ray stop` clears the record, or RAY_ADDRESS=local (--address local) "
+            "starts a fresh local cluster")
+
+
+def wait_for_gcs(address: str, source: str, timeout_s: float) -> None:
+    """Retry until a GCS answers at `address` or `timeout_s` has passed, then raise a
+    ClusterConnectError naming the address, where it came from and what to do. Addresses other than
+    host:port (ray://, http://) are Ray's to handle."""
+    if "://" in address:
+        return
+    endpoint = _gcs_endpoint(address)
+    if endpoint is None:
+        raise ClusterConnectError(f"{source} {address!r} is not a Ray address: host:port of the cluster's GCS, "
+                                  f"'auto', 'local', or ray://host:port")
+    host, port = endpoint
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while True:
+        problem = _gcs_answers(host, port, min(5.0, max(0.1, deadline - time.monotonic())))
+        if problem is None:
+            return
+        if time.monotonic() >= deadline:
+            dialled = "" if address.startswith(f"{host}:") else f" at {host}:{port}"
+            raise ClusterConnectError(
+                f"no Ray cluster answers at {address} ({source}) after {timeout_s:g} s (--ray-connect-timeout-s; "
+                f"{problem}{dialled}); {_how_to_proceed(source)}")
+        if not said:
+            print(f"waiting up to {timeout_s:g} s for the Ray cluster at {address} ({source}): {problem}",
+                  file=sys.stderr, flush=True)
+            said = True
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def ensure_ray(address: str | None = None, timeout_s: float = 60.0) -> bool:
+    """Join the Ray cluster (`address`, else RAY_ADDRESS as `ray job submit` sets it, else the cluster
+    `ray start` recorded on this machine) or start a local one ('local', or none of them), unless this
+    process is connected already. A cluster that does not answer within `timeout_s` fails with a
+    ClusterConnectError instead of Ray's unbounded retries. Returns True when it started a local cluster
+    (which this process then owns)."""
     import ray  # delayed: importing Ray takes seconds, bad input fails before
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
-                 logging_level="WARNING", configure_logging=True)
+    if ray.is_initialized():
+        return False
+    target, source = resolve_ray_address(address)
+    if target is not None:
+        wait_for_gcs(target, source, timeout_s)
+    # the address as given: Ray resolves it again the same way (and turns token auth on only for one it found)
+    ray.init(address=address, include_dashboard=False, log_to_driver=True,
+             logging_level="WARNING", configure_logging=True)
+    return target is None
 
 
 def check_storage_path(storage_path: str) -> str:
@@ -138,16 +277,18 @@ def resolve_resources(num_workers: int, use_gpu: str, cpus_per_worker: int | Non
 
 def run_trainer(worker_fn: Callable[[dict], None], worker_config: dict[str, Any], *, name: str,
                 storage_path: str, num_workers: int, use_gpu: str = "auto", cpus_per_worker: int | None = None,
-                max_failures: int = 0, resource_wait_s: float = 60.0, num_to_keep: int | None = 2):
+                max_failures: int = 0, resource_wait_s: float = 60.0, num_to_keep: int | None = 2,
+                address: str | None = None, ray_connect_timeout_s: float = 60.0):
     """Run `worker_fn(worker_config)` on `num_workers` Ray Train workers; returns the ray Result.
 
     Resume is Ray's: a run with the same `name` and `storage_path` restores its checkpoint
     manager, and `ray.train.get_checkpoint()` in the workers returns the latest checkpoint.
+    `address`, `ray_connect_timeout_s`: the cluster to join (ensure_ray).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # delayed: Ray takes seconds
     from ray.train.torch import TorchTrainer  # delayed: importing Ray takes seconds
 
-    ensure_ray()
+    ensure_ray(address, ray_connect_timeout_s)
     gpu, per_worker = resolve_resources(num_workers, use_gpu, cpus_per_worker, resource_wait_s)
     resources = {"CPU": per_worker, **({"GPU": 1} if gpu else {})}
     trainer = TorchTrainer(

@@ -91,7 +91,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict:
     actors = gpu = per_actor = None
     actor_peak_rss_mb = 0.0
     if pending:
-        ensure_ray()
+        ensure_ray(cfg.address, cfg.ray_connect_timeout_s)
         actors, gpu, per_actor = generation_resources(cfg.num_actors, cfg.use_gpu, cfg.cpus_per_actor)
         actors = min(actors, len(pending))
         ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))

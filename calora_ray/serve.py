@@ -521,7 +521,6 @@ def run_serve(cfg, block: bool = True) -> str:
     interrupted; on a local cluster this process started, Ctrl-C shuts everything down. Returns the URL."""
     check_serve_inputs(cfg)
     url = f"http://{cfg.host}:{cfg.port}"
-    started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if block:
         def stop(signum, frame):
             raise KeyboardInterrupt
@@ -530,7 +529,7 @@ def run_serve(cfg, block: bool = True) -> str:
         # us in the background with SIGINT ignored.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, stop)
-    ensure_ray()
+    started_ray = ensure_ray(cfg.address, cfg.ray_connect_timeout_s)  # a local cluster of ours: stopped at the end
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(application(cfg), name=APP_NAME, route_prefix="/", blocking=False)
