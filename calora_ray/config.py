@@ -554,6 +554,12 @@ class GenerateConfig(ModelConfig, RayConnectConfig):
     row_group_size: int = field(default=64, metadata=_help("Rows per Parquet row group.", identity=False))
     num_actors: int | None = field(default=None, metadata=_help(
         "Generator actors (each loads the model once): default one per GPU of the cluster, or 1 without GPUs.", identity=False))
+    min_actors: int | None = field(default=None, metadata=_help(
+        "With --max-actors: an autoscaling pool of at least this many actors (default 1).", identity=False))
+    max_actors: int | None = field(default=None, metadata=_help(
+        "An autoscaling actor pool (Ray Data's ActorPoolStrategy(min_size, max_size)): actors are added, up "
+        "to this many, while shards wait and the cluster (or its autoscaler) offers their GPUs / CPUs, and "
+        "removed when idle. Instead of --num-actors.", identity=False))
     batch_size: int = field(default=4, metadata=_help("Images per generate() call inside an actor.", identity=False))
     cpus_per_actor: int | None = field(default=None, metadata=_help(
         "CPUs reserved per actor (its torch threads): default 1 with GPUs, else the cluster's CPUs / actors.", identity=False))
@@ -579,11 +585,18 @@ class GenerateConfig(ModelConfig, RayConnectConfig):
         for name in ("num_samples", "steps", "rows_per_shard", "row_group_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_masks", "num_actors", "resolution"):
+        for name in ("num_masks", "num_actors", "min_actors", "max_actors", "resolution"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_actor is not None and self.cpus_per_actor < 1:
             raise ConfigError(f"--cpus-per-actor must be >= 1, got {self.cpus_per_actor}")
+        if self.min_actors is not None and self.max_actors is None:
+            raise ConfigError("--min-actors needs --max-actors (an autoscaling pool); for a fixed pool use --num-actors")
+        if self.max_actors is not None:
+            if self.num_actors is not None:
+                raise ConfigError("--num-actors (a fixed pool) and --max-actors (an autoscaling one) exclude each other")
+            if (self.min_actors or 1) > self.max_actors:
+                raise ConfigError(f"--min-actors {self.min_actors} is more than --max-actors {self.max_actors}")
         if self.seed < 0 or self.guidance < 0 or self.preview_samples < 0 or self.measure_samples < 0:
             raise ConfigError("--seed, --guidance, --preview-samples and --measure-samples must be >= 0")
         if self.max_zoom < 1:

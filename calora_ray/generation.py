@@ -33,12 +33,12 @@ from .cli import quiet_libraries
 from .concepts import join_class_names
 from .config import GenerateConfig
 from .controlnet import control_image, controlnet_sha256, load_controlnet, vae_factor_of
-from .data.labels import NUM_CLASSES, class_names_present
+from .data.labels import NUM_CLASSES, MaskError, class_names_present
 from .data.png import encode_png
 from .datasets import open_dataset
 from .errors import UserValueError
 from .lora import file_sha256, load_lora, lora_file
-from .masks import MaskReader, MaskRef
+from .masks import MaskReader, MaskRef, load_checked
 from .models import load_components, load_unet_skeleton, resolve_dtype
 from .shards import SCHEMA, ShardStore, shard_ranges, table_bytes
 from .toyworld.world import CONDITION_PHRASES, CONDITIONS, caption
@@ -93,7 +93,7 @@ class SamplePlan:
     index: int
     sample_id: str
     seed: int          # the noise seed of the image
-    mask: int          # index into the list of usable masks
+    mask: int          # index into the list of masks (the planned one; see ShardGenerator.mask_for)
     condition: str
     flip: bool
     zoom: float        # >= 1: the crop's side is the mask's shorter side / zoom
@@ -102,8 +102,9 @@ class SamplePlan:
 
 def plan_sample(job_seed: int, index: int, num_masks: int, conditions: list[str], weights: list[float],
                 flip: bool = False, max_zoom: float = 1.0) -> SamplePlan:
-    """Sample `index` uses mask index % num_masks (every mask equally often), a condition drawn with
-    `weights`, and — when asked — a random horizontal flip and a random crop zoomed up to max_zoom."""
+    """Sample `index` uses mask index % num_masks (every listed mask equally often; ShardGenerator
+    moves a sample whose mask is unusable to the next usable one), a condition drawn with `weights`,
+    and — when asked — a random horizontal flip and a random crop zoomed up to max_zoom."""
     if num_masks < 1:
         raise ValueError("no usable masks")
     seed = sample_seed(job_seed, index)
@@ -273,8 +274,10 @@ class ShardGenerator:
     calora_ray.ray_data runs it as a Ray Data callable class on an actor pool (each actor loads
     the model once); it is as usable in one process.
 
-    cfg: the GenerateConfig; masks: the usable masks (sample i uses masks[i % len(masks)]);
-    resolution: the image side; threads: torch CPU threads; device: where the model runs.
+    cfg: the GenerateConfig; masks: the listed masks, unchecked (sample i uses masks[i % len(masks)],
+    or, when that one is unusable, the next usable one in list order: `mask_for`; the bad ones a
+    shard met are in its commit record's "skipped"); resolution: the image side; threads: torch CPU
+    threads; device: where the model runs.
     """
 
     def __init__(self, cfg: GenerateConfig, masks: list[MaskRef], resolution: int, threads: int | None = None,
@@ -288,6 +291,7 @@ class ShardGenerator:
                                        dtype=resolve_dtype(cfg.mixed_precision, device),
                                        model_seed=cfg.model_seed)
         self.reader = MaskReader()
+        self.bad: dict[int, str] = {}  # mask index -> why it is unusable (this actor's knowledge)
         self.store = ShardStore(cfg.output)
         self.weights = cfg.condition_weights or [1.0] * len(cfg.conditions)
 
@@ -311,24 +315,44 @@ class ShardGenerator:
         cfg = self.cfg
         return plan_sample(cfg.seed, index, len(self.masks), cfg.conditions, self.weights, cfg.flip, cfg.max_zoom)
 
-    def make_rows(self, indices) -> dict[str, list]:
+    def mask_for(self, planned: int, met: dict[int, str]) -> tuple[int, np.ndarray]:
+        """(index, train-id map) of the mask a sample planned on masks[planned] uses: that one, or the
+        next usable one in list order (wrapping). The same whichever actor asks, so a run's rows do
+        not depend on which actor met a bad mask first. Bad masks go into `met` (index -> reason);
+        --strict raises on the first."""
+        for step in range(len(self.masks)):
+            j = (planned + step) % len(self.masks)
+            if j not in self.bad:
+                try:
+                    return j, load_checked(self.reader, self.masks[j], self.resolution)
+                except MaskError as e:
+                    if self.cfg.strict:
+                        raise MaskError(f"--strict: bad mask {e}") from None
+                    self.bad[j] = str(e)
+            met[j] = self.bad[j]
+        raise MaskError(f"--masks {self.cfg.masks}: none of its {len(self.masks)} masks is usable; e.g. "
+                        f"{next(iter(self.bad.values()))}")
+
+    def make_rows(self, indices, met: dict[int, str] | None = None) -> dict[str, list]:
         """The shard-schema columns (shards.SCHEMA) of samples `indices`, generated in batches of
-        cfg.batch_size."""
+        cfg.batch_size; the bad masks met on the way go into `met`."""
         cfg = self.cfg
+        met = {} if met is None else met
         rows: dict[str, list] = {name: [] for name in SCHEMA.names}
         plans = [self.plan(i) for i in indices]
         for start in range(0, len(plans), cfg.batch_size):
             chunk = plans[start:start + cfg.batch_size]
-            labels = [augment_layout(self.reader.load(self.masks[p.mask]), self.resolution, p.flip, p.zoom, p.offset)
-                      for p in chunk]
+            used = [self.mask_for(p.mask, met) for p in chunk]
+            labels = [augment_layout(label, self.resolution, p.flip, p.zoom, p.offset)
+                      for p, (_, label) in zip(chunk, used)]
             prompts = [build_prompt(label, p.condition, cfg.prompt_template) for label, p in zip(labels, chunk)]
             images = self.generator.generate(labels, prompts, [p.seed for p in chunk], cfg.steps, cfg.guidance,
                                              cfg.conditioning_scale)
-            for p, label, prompt, image in zip(chunk, labels, prompts, images):
+            for p, (j, _), label, prompt, image in zip(chunk, used, labels, prompts, images):
                 row = {"sample_id": p.sample_id, "image": encode_png(image), "label": encode_png(label),
                        "prompt": prompt, "condition": p.condition, "seed": p.seed, "width": label.shape[1],
                        "height": label.shape[0], "class_pixels": class_pixels(label), "model": cfg.model,
-                       "lora_sha256": self.generator.lora_sha256, "mask": str(self.masks[p.mask])}
+                       "lora_sha256": self.generator.lora_sha256, "mask": str(self.masks[j])}
                 for name in SCHEMA.names:  # a column missing here is a KeyError, never a silent gap
                     rows[name].append(row[name])
         return rows
@@ -337,9 +361,12 @@ class ShardGenerator:
         if self.cfg.simulate_failure_at_shard == k:
             raise RuntimeError(f"simulated failure while generating shard {k} (--simulate-failure-at-shard)")
         indices = shard_ranges(self.cfg.num_samples, self.cfg.rows_per_shard)[k]
-        rows = self.make_rows(indices)
+        met: dict[int, str] = {}
+        rows = self.make_rows(indices, met)
         data = table_bytes(rows, self.cfg.row_group_size)
-        return self.store.write_shard(k, data, len(indices), rows["sample_id"][0], rows["sample_id"][-1])
+        skipped = [{"mask": str(self.masks[j]), "reason": reason} for j, reason in sorted(met.items())]
+        return self.store.write_shard(k, data, len(indices), rows["sample_id"][0], rows["sample_id"][-1],
+                                      skipped=skipped)
 
 
 def write_render_shards(uri: str, source: str, split: str = "train", start: int = 0, count: int = 500,

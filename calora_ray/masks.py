@@ -1,8 +1,9 @@
 """Mask sources for jobs/generate.py: label maps (train ids) by reference, checked, from anywhere.
 
-A source is listed into *refs* (MaskRef: where one mask lies; nothing is decoded), checked once by
-the driver (`check_masks`: bad masks are skipped with a reason, or with strict=True the first one
-fails the job naming it), and loaded again, by ref, by whichever worker needs the mask (`MaskReader`).
+A source is listed into *refs* (MaskRef: where one mask lies; nothing is decoded) by the driver, and
+each mask is loaded and checked, by ref, by whichever worker needs it (`MaskReader`, `load_checked`):
+the driver's work does not grow with the number of masks beyond listing them. `check_masks` decodes
+every mask up front (the generate job's --strict, and the evaluate job's label check).
 str(ref) is what a generated row's `mask` column and manifest.json store; MaskRef.parse reads it back.
 
 Sources (`--masks`):
@@ -181,16 +182,23 @@ class MaskReader:
         return bytes(value)
 
 
+def load_checked(reader: MaskReader, ref: MaskRef, resolution: int) -> np.ndarray:
+    """The train-id map of `ref` if it is a usable mask for images of `resolution`; else a MaskError
+    whose text (naming the ref) is the reason."""
+    label = reader.load(ref)
+    h, w = label.shape
+    if min(h, w) < resolution:
+        raise MaskError(f"{ref}: {w}x{h} is smaller than --resolution {resolution} (labels are only ever "
+                        "downscaled, nearest-neighbour)")
+    return label
+
+
 def check_mask(reader: MaskReader, ref: MaskRef, resolution: int) -> str | None:
     """None if `ref` is a usable mask for images of `resolution`, else the reason it is not."""
     try:
-        label = reader.load(ref)
+        load_checked(reader, ref, resolution)
     except MaskError as e:
         return str(e)
-    h, w = label.shape
-    if min(h, w) < resolution:
-        return (f"{ref}: {w}x{h} is smaller than --resolution {resolution} (labels are only ever "
-                "downscaled, nearest-neighbour)")
     return None
 
 

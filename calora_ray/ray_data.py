@@ -2,9 +2,14 @@
 cluster, committed shard by shard and resumable.
 
 - `generation_resources`: how many actors, with a GPU each or how many CPUs, the cluster can host.
-- `run_generate`: the driver — check the inputs and masks, start or resume the run
-  (outputs.prepare_run's rule), run `generation.ShardGenerator` on a Ray Data actor pool for the
-  missing shards, then write manifest.json, the dataset card (README.md) and preview.png.
+- `prepare_generate`: the driver's work before Ray — check the inputs, list the masks (nothing is
+  decoded: the actors check each mask as they use it, so this does not grow with the number of
+  masks beyond the listing; --strict checks them all here), start or resume the run
+  (outputs.prepare_run's rule).
+- `run_generate`: the driver — `prepare_generate`, then `generation.ShardGenerator` on a Ray Data
+  actor pool (fixed --num-actors, or autoscaling between --min-actors and --max-actors) for the
+  missing shards, then manifest.json (with the bad masks the shards met), the dataset card
+  (README.md) and preview.png.
 - `probe_measures`: the toy-world probe's label fidelity and prompt adherence on the card.
 """
 
@@ -33,20 +38,28 @@ from .outputs import run_identity
 from .shards import MANIFEST, ShardStore, dataset_card, dataset_stats, preview_image, shard_ranges, update_card_measures
 
 
-def generation_resources(num_actors: int | None, use_gpu: str, cpus_per_actor: int | None,
-                         wait_s: float = 60.0) -> tuple[int, bool, int]:
-    """(actors, a GPU each?, CPUs each) that the cluster can host (distributed.resolve_resources).
+def generation_resources(cfg: GenerateConfig, wait_s: float = 60.0) -> tuple[tuple[int, int], bool, int]:
+    """((min, max) actors, a GPU each?, CPUs each) that the cluster can host (distributed.resolve_resources
+    for the minimum).
 
-    Default: one actor per GPU of the cluster, else one actor. Without GPUs the actors share the
-    cluster's CPUs (one actor gets them all); the pipeline has no other task that needs a CPU (the
-    input rows come from the driver and the actors write their own shards), so a pool that
-    reserves every CPU cannot starve a writer (on 2 CPUs an actor pool plus Ray Data's
-    write_parquet tasks can hang, the writers waiting for a CPU the actors hold).
+    Default: one actor per GPU of the cluster, else one actor; --min-actors / --max-actors make the
+    pool autoscale between them (Ray Data adds actors while shards wait and the cluster, or its
+    autoscaler, offers the resources). Without GPUs the actors share the cluster's CPUs (one actor
+    gets them all); the pipeline has no other task that needs a CPU (the input rows come from the
+    driver and the actors write their own shards), so a pool that reserves every CPU cannot starve
+    a writer (on 2 CPUs an actor pool plus Ray Data's write_parquet tasks can hang, the writers
+    waiting for a CPU the actors hold).
     """
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = num_actors or (gpus if gpus and use_gpu != "false" else 1)
-    gpu, per_actor = resolve_resources(actors, use_gpu, cpus_per_actor, wait_s)
-    return actors, gpu, per_actor
+    if cfg.max_actors is not None:
+        low, high = cfg.min_actors or 1, cfg.max_actors
+    else:
+        low = high = cfg.num_actors or (gpus if gpus and cfg.use_gpu != "false" else 1)
+    gpu, per_actor = resolve_resources(low, cfg.use_gpu, cfg.cpus_per_actor, wait_s)
+    return (low, high), gpu, per_actor
+
+
+PROBE_MASKS = 16  # masks the driver checks itself (without --strict): a source of only bad ones fails early
 
 
 def is_toy_model(model: str) -> bool:
@@ -65,26 +78,43 @@ def probe_measures(uri: str, max_rows: int) -> dict:
             **{f"prompt_adherence_{k}": v["adherence"] for k, v in report["prompt_adherence"].items()}}
 
 
+def prepare_generate(cfg: GenerateConfig) -> dict:
+    """The driver's work before Ray starts: check the inputs, list the masks, start or resume the output.
+    Returns {checked, refs, store, completed, shards, pending}. Masks are decoded here only with
+    --strict (all of them, failing on the first bad one) and, otherwise, the first PROBE_MASKS."""
+    checked = check_generate_inputs(cfg)
+    resolution = checked["resolution"]
+    refs = list_masks(cfg.masks, cfg.split, cfg.num_masks, resolution)
+    if cfg.strict:
+        check_masks(refs, resolution, strict=True)  # every mask decoded here: fails fast, naming the first bad one
+    else:  # the first few, so a source of nothing but bad masks fails here rather than in every shard
+        head, skipped = check_masks(refs[:PROBE_MASKS], resolution)
+        if not head and len(refs) <= PROBE_MASKS:
+            raise UserValueError(f"--masks {cfg.masks}: none of its {len(refs)} masks is usable; e.g. "
+                                 f"{skipped[0]['reason']}")
+    store = ShardStore(cfg.output)
+    identity = run_identity(cfg, resolution=resolution, lora_sha256=checked["lora_sha256"],
+                            controlnet_sha256=checked["controlnet_sha256"],
+                            masks_sha256=hashlib.sha256("\n".join(map(str, refs)).encode()).hexdigest())
+    completed = store.prepare(identity, cfg.overwrite)
+    shards = shard_ranges(cfg.num_samples, cfg.rows_per_shard)
+    pending = [k for k in range(len(shards)) if k not in completed]
+    return {"checked": checked, "refs": refs, "store": store, "completed": completed, "shards": shards,
+            "pending": pending}
+
+
 def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict:
-    """jobs/generate.py: check the inputs and masks, generate the missing shards on a Ray Data actor
-    pool, then write manifest.json, README.md and preview.png. Returns the run summary.
+    """jobs/generate.py: check the inputs, list the masks, generate the missing shards on a Ray Data
+    actor pool (the actors check each mask they use), then write manifest.json, README.md and
+    preview.png. Returns the run summary.
 
     Rerunning the same command resumes: shards with a commit record are kept, every other file
     under data/ is deleted, and only the missing shards are generated.
     """
-    checked = check_generate_inputs(cfg)
+    plan = prepare_generate(cfg)
+    checked, refs, store, completed = plan["checked"], plan["refs"], plan["store"], plan["completed"]
+    shards, pending = plan["shards"], plan["pending"]
     resolution = checked["resolution"]
-    refs = list_masks(cfg.masks, cfg.split, cfg.num_masks, resolution)
-    masks, skipped = check_masks(refs, resolution, strict=cfg.strict)
-    if not masks:
-        raise UserValueError(f"--masks {cfg.masks}: none of its {len(refs)} masks is usable; e.g. {skipped[0]['reason']}")
-    store = ShardStore(cfg.output)
-    identity = run_identity(cfg, resolution=resolution, lora_sha256=checked["lora_sha256"],
-                            controlnet_sha256=checked["controlnet_sha256"],
-                            masks_sha256=hashlib.sha256("\n".join(map(str, masks)).encode()).hexdigest())
-    completed = store.prepare(identity, cfg.overwrite)
-    shards = shard_ranges(cfg.num_samples, cfg.rows_per_shard)
-    pending = [k for k in range(len(shards)) if k not in completed]
 
     started = time.perf_counter()
     new_samples = sum(len(shards[k]) for k in pending)
@@ -92,15 +122,16 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict:
     actor_peak_rss_mb = 0.0
     if pending:
         ensure_ray(cfg.address, cfg.ray_connect_timeout_s)
-        actors, gpu, per_actor = generation_resources(cfg.num_actors, cfg.use_gpu, cfg.cpus_per_actor)
-        actors = min(actors, len(pending))
+        (low, high), gpu, per_actor = generation_resources(cfg)
+        low, high = min(low, len(pending)), min(high, len(pending))
+        actors = low if low == high else f"{low}-{high}"
         ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(
             ShardGenerator, batch_size=1,
-            fn_constructor_kwargs={"cfg": cfg, "masks": masks, "resolution": resolution,
+            fn_constructor_kwargs={"cfg": cfg, "masks": refs, "resolution": resolution,
                                    "threads": None if gpu else int(per_actor)},
             # one shard in flight per actor: shards are long, so queueing them would only unbalance the pool
-            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=1),
             num_cpus=per_actor, num_gpus=1 if gpu else 0)
         bar = None
         if progress:
@@ -133,6 +164,8 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict:
         raise RuntimeError(f"{len(missing)} shard(s) were not committed ({', '.join(map(str, missing[:10]))}); "
                            "run the same command again to generate them")
     records = [completed[k] for k in range(len(shards))]
+    skipped = sorted({s["mask"]: s for r in records for s in r.get("skipped", [])}.values(), key=lambda s: s["mask"])
+    records = [{k: v for k, v in r.items() if k != "skipped"} for r in records]  # gathered in manifest["skipped"]
     stats = dataset_stats(store, records)
     example_prompt = store.read_shard(records[0]["file"], ["prompt"]).column(0)[0].as_py()
     manifest = {
@@ -144,8 +177,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict:
         "shards": records,
         "stats": stats,
         "num_masks": len(refs),
-        "num_usable_masks": len(masks),
-        "skipped": skipped,
+        "skipped": skipped,  # the bad masks the samples met (each moved to the next usable mask)
         "lora_sha256": checked["lora_sha256"],
         "controlnet_sha256": checked["controlnet_sha256"],
         "example_prompt": example_prompt,

@@ -120,12 +120,15 @@ class ShardStore:
         else:
             self.fs.pipe_file(target, data)  # one PUT: the object appears whole or not at all
 
-    def write_shard(self, index: int, data: bytes, num_rows: int, first_id: str, last_id: str) -> dict:
-        """Write shard `index`'s Parquet bytes, then its commit record; returns the record."""
+    def write_shard(self, index: int, data: bytes, num_rows: int, first_id: str, last_id: str,
+                    skipped: list[dict] | None = None) -> dict:
+        """Write shard `index`'s Parquet bytes, then its commit record; returns the record.
+        `skipped`: the bad masks this shard's samples met ({"mask", "reason"}; manifest.json gathers them)."""
         file = f"{DATA_DIR}/{shard_name(index)}.parquet"
         self.put(file, data)
         record = {"shard": index, "file": file, "rows": num_rows, "bytes": len(data),
-                  "sha256": hashlib.sha256(data).hexdigest(), "first_sample_id": first_id, "last_sample_id": last_id}
+                  "sha256": hashlib.sha256(data).hexdigest(), "first_sample_id": first_id, "last_sample_id": last_id,
+                  "skipped": skipped or []}
         self.put(f"{COMMIT_DIR}/{shard_name(index)}.json", json.dumps(record).encode())
         return record
 
@@ -362,7 +365,8 @@ adapter, so the label is the image's label by construction.
 - base model: `{cfg['model']}`; LoRA sha256: `{manifest['lora_sha256'] or 'none'}`
 - ControlNet: `{cfg['controlnet']}` (sha256 `{manifest['controlnet_sha256']}`)
 - masks: `{cfg['masks']}` (split `{cfg['split']}`): {manifest['num_masks']} listed,
-  {manifest['num_usable_masks']} usable, {len(manifest['skipped'])} skipped; layout augmentation: flip
+  {len(manifest['skipped'])} found unusable by the samples that drew them (each such sample used the
+  next usable mask); layout augmentation: flip
   {cfg['flip']}, max zoom {cfg['max_zoom']}
 - prompts: {'`' + cfg['prompt_template'] + '`' if cfg['prompt_template'] else "the paper's template, e.g. `" + manifest['example_prompt'] + '`'}
 - conditions (rows): {conditions}

@@ -1,6 +1,7 @@
 """Mask-conditioned generation into Parquet shards: the generator, mask sources, shard commits and
 resume (also on memory:// and a real S3 server), and jobs/generate.py end to end on a local Ray."""
 
+import dataclasses
 import io
 import json
 import socket
@@ -17,6 +18,7 @@ from calora_ray.datasets import open_dataset
 from calora_ray.generation import (
     BATCH_TOLERANCE,
     MaskGenerator,
+    ShardGenerator,
     augment_layout,
     build_prompt,
     plan_sample,
@@ -24,7 +26,7 @@ from calora_ray.generation import (
     sample_seed,
 )
 from calora_ray.masks import MaskError, MaskReader, check_masks, list_masks
-from calora_ray.ray_data import run_generate
+from calora_ray.ray_data import PROBE_MASKS, prepare_generate, run_generate
 from calora_ray.shards import ShardStore, read_table, shard_ranges, table_bytes
 
 N, ROWS = 10, 4  # 3 shards: 4 + 4 + 2
@@ -217,6 +219,52 @@ def test_config_errors():
         build_config(GenerateConfig, {"prompt_template": "{classes} {weather}"})
     with pytest.raises(ConfigError, match="--rows-per-shard must be >= 1"):
         build_config(GenerateConfig, {"rows_per_shard": 0})
+    with pytest.raises(ConfigError, match="--min-actors needs --max-actors"):
+        build_config(GenerateConfig, {"min_actors": 2})
+    with pytest.raises(ConfigError, match="exclude each other"):
+        build_config(GenerateConfig, {"num_actors": 2, "max_actors": 4})
+    with pytest.raises(ConfigError, match="--min-actors 3 is more than --max-actors 2"):
+        build_config(GenerateConfig, {"min_actors": 3, "max_actors": 2})
+
+
+def test_the_actors_check_the_masks_and_move_a_bad_masks_sample_to_the_next_usable_one(controlnet_dir, tmp_path,
+                                                                                        monkeypatch):
+    """The driver lists masks without decoding them (beyond the first PROBE_MASKS); a sample whose
+    mask is bad uses the next usable mask in list order, whichever generator meets it first, and the
+    shard's commit record names the bad masks it met."""
+    import fsspec
+
+    write_cityscapes_masks(fsspec.filesystem("file"), str(tmp_path / "cs"))  # a1 a2 a3 b1 b2 b3 (b: bad)
+    cfg = generate_cfg(controlnet_dir, tmp_path / "out", masks=str(tmp_path / "cs"), num_samples=6, rows_per_shard=3)
+    refs = list_masks(cfg.masks, "train", None, 64)
+    names = [str(r).rsplit("/", 1)[1][:15] for r in refs]
+    assert names[3:] == ["b_000000_000001", "b_000000_000002", "b_000000_000003"]
+
+    fresh, warm = ShardGenerator(cfg, refs, 64, threads=1), ShardGenerator(cfg, refs, 64, threads=1)
+    warm.mask_for(5, {})  # this one has met b3 already
+    for gen in (fresh, warm):
+        met = {}
+        used = [gen.mask_for(planned, met)[0] for planned in range(6)]
+        assert used == [0, 1, 2, 0, 0, 0]  # b1 -> b2 -> b3 -> (wrap) a1
+        assert sorted(met) == [3, 4, 5] and "smaller than --resolution 64" in met[4]
+    record = fresh.make_shard(1)  # samples 3, 4, 5: all planned on bad masks
+    assert [s["mask"].rsplit("/", 1)[1][:15] for s in record["skipped"]] == names[3:]
+    assert set(read_table(str(tmp_path / "out"), ["mask"]).column("mask").to_pylist()) == {str(refs[0])}
+    strict = ShardGenerator(dataclasses.replace(cfg, strict=True), refs, 64, threads=1)
+    with pytest.raises(MaskError, match="--strict: bad mask .*b_000000_000001"):
+        strict.mask_for(3, {})
+
+    # the driver decodes at most PROBE_MASKS masks, however many there are
+    calls = []
+    real_load = MaskReader.load
+
+    def counting_load(self, ref):
+        calls.append(ref)
+        return real_load(self, ref)
+
+    monkeypatch.setattr(MaskReader, "load", counting_load)
+    plan = prepare_generate(generate_cfg(controlnet_dir, tmp_path / "many", masks="toy:target", num_masks=30))
+    assert len(plan["refs"]) == 30 and len(calls) == PROBE_MASKS
 
 
 def test_bad_inputs_fail_before_ray_starts(controlnet_dir, tmp_path):
@@ -273,7 +321,7 @@ def test_end_to_end_shards_read_back(first_run, local_ray):
         assert row["seed"] == sample_seed(0, index) and row["model"] == "tiny" and row["lora_sha256"] == ""
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_samples"] == N and [s["rows"] for s in manifest["shards"]] == [4, 4, 2]
-    assert manifest["skipped"] == [] and manifest["num_usable_masks"] == 30
+    assert manifest["skipped"] == [] and manifest["num_masks"] == 30
     assert manifest["stats"]["unique_sample_ids"] == N and sum(manifest["stats"]["conditions"].values()) == N
     import hashlib
 
@@ -321,15 +369,18 @@ def test_rerun_of_a_finished_run_generates_nothing(first_run, controlnet_dir):
 
 def test_crash_midway_then_rerun_gives_exactly_n_identical_samples(first_run, controlnet_dir, tmp_path):
     out = tmp_path / "crash"
-    cfg = generate_cfg(controlnet_dir, out, num_actors=2)  # 2 actors take both CPUs: must not hang
     with pytest.raises(RuntimeError, match=r"(?s)1 shard\(s\) failed \(1\).*simulated failure while generating shard 1"):
         run_generate(generate_cfg(controlnet_dir, out, num_actors=2, simulate_failure_at_shard=1), progress=False)
     committed = ShardStore(str(out)).completed()
     assert 1 not in committed and not (out / "manifest.json").exists()
+    (out / "_commits" / "shard-00000.json").unlink()  # died before its commit record: its file does not count
+    committed.pop(0)
     (out / "data").mkdir(exist_ok=True)
     (out / "data" / "shard-00001.parquet").write_bytes(b"truncated by the crash")  # no commit record
     (out / "data" / ".shard-00002.parquet.dead.tmp").write_bytes(b"partial")
-    summary = run_generate(cfg, progress=False)
+    # the rerun on an autoscaling pool (1..2 actors, 1 CPU each: both CPUs when it grows; must not hang)
+    summary = run_generate(generate_cfg(controlnet_dir, out, min_actors=1, max_actors=2), progress=False)
+    assert json.loads((out / "manifest.json").read_text())["this_run"]["actors"] == "1-2"
     assert summary["resumed_shards"] == len(committed) and summary["generated_samples"] == N - sum(
         r["rows"] for r in committed.values())
     table = pq.read_table(out / "data")
