@@ -72,6 +72,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp.replace(path)
 
 
+def for_workers(cfg, outputs: tuple[str, ...] = ("output",), inputs: tuple[str, ...] = ()):
+    """`cfg` with its local paths made absolute against this (the driver's) directory, for Ray workers,
+    which run in their node's directory, not the driver's (a driver that joins a cluster started
+    elsewhere would otherwise write and read relative paths somewhere else). `outputs`: fields that
+    are local paths unless they are URIs; `inputs`: fields made absolute only when they name an
+    existing local file or directory (so hub ids, presets and toy sources pass unchanged). The run's
+    identity keeps the paths as the user gave them."""
+    def absolute(value, must_exist: bool):
+        if not isinstance(value, str) or "://" in value or (must_exist and not Path(value).exists()):
+            return value
+        return str(Path(value).resolve())
+
+    changes = {f: absolute(getattr(cfg, f), False) for f in outputs}
+    for f in inputs:
+        value = getattr(cfg, f)
+        changes[f] = [absolute(v, True) for v in value] if isinstance(value, list) else absolute(value, True)
+    return dataclasses.replace(cfg, **changes)
+
+
 def run_identity(cfg, **extra) -> dict:
     """What defines a run of a job config: every option except the knobs a rerun may change and
     still continue the same run (declared once, on the field: `identity=False` in config.py), plus

@@ -34,7 +34,7 @@ from .generation import ShardGenerator, check_generate_inputs
 from .masks import check_masks, list_masks
 from .measure import probe_metrics, read_samples
 from .models import TOY_SD_DIR
-from .outputs import run_identity
+from .outputs import for_workers, run_identity
 from .shards import MANIFEST, ShardStore, dataset_card, dataset_stats, preview_image, shard_ranges, update_card_measures
 
 
@@ -128,7 +128,8 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict:
         ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(
             ShardGenerator, batch_size=1,
-            fn_constructor_kwargs={"cfg": cfg, "masks": refs, "resolution": resolution,
+            fn_constructor_kwargs={"cfg": for_workers(cfg, ("output",), ("model", "lora", "controlnet")),
+                                   "masks": refs, "resolution": resolution,
                                    "threads": None if gpu else int(per_actor)},
             # one shard in flight per actor: shards are long, so queueing them would only unbalance the pool
             compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=1),

@@ -14,6 +14,7 @@ and prints mmengine's own log lines (iteration, loss, its ETA), which Ray forwar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -26,7 +27,7 @@ from .config import EvaluateConfig
 from .distributed import ClusterResourceError, ensure_ray
 from .errors import UserError, UserValueError
 from .evaluation import RunSpec, check_inputs, plan_runs, run_complete, train_run, write_report, write_run_metrics
-from .outputs import prepare_run, run_identity
+from .outputs import for_workers, prepare_run, run_identity
 
 
 def trial_resources(num_gpus_per_trial: float | None, cpus_per_trial: int | None,
@@ -90,7 +91,11 @@ def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
                            int(total.get("GPU", 0) // num_gpus) if num_gpus else len(pending)))
         say(f"evaluate: each run is a Ray task with {num_cpus} CPU(s) and {num_gpus:g} GPU(s); {slots} at a time")
         task = ray.remote(max_calls=1, max_retries=0)(train_task).options(num_cpus=num_cpus, num_gpus=num_gpus)
-        waiting = {task.remote(cfg, run, num_cpus): run for run in pending}
+        # the tasks run in their node's directory: local paths made absolute against the driver's
+        worker_cfg = for_workers(cfg, ("output",), ("real", "val", "model_config", "synthetic"))
+        local = dict(zip(cfg.synthetic, worker_cfg.synthetic))
+        waiting = {task.remote(worker_cfg, dataclasses.replace(run, synthetic=local.get(run.synthetic)), num_cpus): run
+                   for run in pending}
         done = 0
         while waiting:
             ready, _ = ray.wait(list(waiting), num_returns=1)
@@ -105,6 +110,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
                 failures[run.key] = e
                 say(f"[{done}/{len(pending)}] {run.key}: FAILED ({type(e).__name__}); ETA {_duration(eta)}")
                 continue
+            record["synthetic"] = run.synthetic  # as the user gave it (the rerun check compares it)
             write_run_metrics(record)
             records[run.key] = record
             say(f"[{done}/{len(pending)}] {run.key}: mIoU {record['mIoU']:.2f} in {_duration(record['wall_time_s'])}; "
