@@ -77,7 +77,8 @@ class DistributedConfig:
         "'auto' (a GPU per worker when the cluster has them, else CPU), 'true' or 'false'.",
         choices=("auto", "true", "false"), identity=False))
     cpus_per_worker: int | None = field(default=None, metadata=_help(
-        "CPUs reserved per worker; default: the cluster's CPUs divided by --num-workers.", identity=False))
+        "CPUs reserved per worker; default: with GPUs, the CPUs per GPU of the GPU nodes; without, the "
+        "cluster's CPUs divided by --num-workers.", identity=False))
     storage_path: str | None = field(default=None, metadata=_help(
         "Where Ray Train keeps the run state and checkpoints: a local directory or any URI pyarrow "
         "or fsspec understands (s3://, gs://, ...; needed for multi-node resume). Default: the "
@@ -562,7 +563,8 @@ class GenerateConfig(ModelConfig, RayConnectConfig):
         "removed when idle. Instead of --num-actors.", identity=False))
     batch_size: int = field(default=4, metadata=_help("Images per generate() call inside an actor.", identity=False))
     cpus_per_actor: int | None = field(default=None, metadata=_help(
-        "CPUs reserved per actor (its torch threads): default 1 with GPUs, else the cluster's CPUs / actors.", identity=False))
+        "CPUs reserved per actor (its torch threads): default: with GPUs, the CPUs per GPU of the GPU nodes; "
+        "without, the cluster's CPUs / actors.", identity=False))
     use_gpu: str = field(default="auto", metadata=_help(
         "'auto' (one GPU per actor when the cluster has them), 'true' or 'false'.",
         choices=("auto", "true", "false"), identity=False))
@@ -750,8 +752,8 @@ class EvaluateConfig(RayConnectConfig):
         "GPUs per run (Ray task); default: 1 when the cluster has GPUs, else 0. Runs go in parallel as "
         "far as the cluster's GPUs (or CPUs) allow.", identity=False))
     cpus_per_trial: int | None = field(default=None, metadata=_help(
-        "CPUs reserved per run (its torch threads and loader workers); default: with GPUs, the cluster's "
-        "CPUs per GPU; without, every CPU (runs one after another).", identity=False))
+        "CPUs reserved per run (its torch threads and loader workers); default: with GPUs, the CPUs per GPU "
+        "of the GPU nodes; without, every CPU (runs one after another).", identity=False))
     resource_wait_s: float = field(default=60.0, metadata=_help(
         "How long to wait for the cluster (e.g. an autoscaler) to offer one run's CPUs/GPUs before "
         "failing with a clear error.", identity=False))

@@ -243,13 +243,23 @@ def delete_run(storage_path: str, name: str) -> None:
         fs.delete_dir(target)
 
 
+def cpus_per_gpu(nodes: list[dict]) -> int:
+    """The CPUs a one-GPU worker can have on every GPU node: min over the alive nodes with GPUs of
+    floor(CPUs / GPUs), at least 1 (`nodes`: ray.nodes()). CPU-only nodes do not count: a worker with
+    a GPU runs on a GPU node, however many CPUs the rest of the cluster has."""
+    shares = [int(n["Resources"].get("CPU", 0) // n["Resources"]["GPU"]) for n in nodes
+              if n.get("Alive", True) and n.get("Resources", {}).get("GPU", 0) >= 1]
+    return max(1, min(shares)) if shares else 1
+
+
 def resolve_resources(num_workers: int, use_gpu: str, cpus_per_worker: int | None,
                       wait_s: float) -> tuple[bool, int]:
     """(use GPUs?, CPUs per worker) that this cluster can host; waits at most `wait_s` for them.
 
-    use_gpu 'auto' takes GPUs when the cluster has one per worker. cpus_per_worker None shares the
-    cluster's CPUs between the workers (so one worker on a laptop uses every core, like the plain
-    single-process path does).
+    use_gpu 'auto' takes GPUs when the cluster has one per worker. cpus_per_worker None: with GPUs,
+    the CPUs per GPU of the GPU nodes (cpus_per_gpu: a worker must fit on one of them); without,
+    the cluster's CPUs shared between the workers (so one worker on a laptop uses every core, like
+    the plain single-process path does).
     """
     import ray  # delayed: importing Ray takes seconds, bad input fails before
 
@@ -258,7 +268,7 @@ def resolve_resources(num_workers: int, use_gpu: str, cpus_per_worker: int | Non
         total = ray.cluster_resources()
         cpus, gpus = int(total.get("CPU", 0)), int(total.get("GPU", 0))
         gpu = gpus >= num_workers if use_gpu == "auto" else use_gpu == "true"
-        per_worker = cpus_per_worker or max(1, cpus // num_workers)
+        per_worker = cpus_per_worker or (cpus_per_gpu(ray.nodes()) if gpu and gpus else max(1, cpus // num_workers))
         missing = []
         if gpu and gpus < num_workers:
             missing.append(f"{num_workers} GPU(s) (one per worker); the cluster has {gpus}")

@@ -24,7 +24,7 @@ import ray  # this module is the Ray adapter of the evaluate job: it always need
 import torch
 
 from .config import EvaluateConfig
-from .distributed import ClusterResourceError, ensure_ray
+from .distributed import ClusterResourceError, cpus_per_gpu, ensure_ray
 from .errors import UserError, UserValueError
 from .evaluation import RunSpec, check_inputs, plan_runs, run_complete, train_run, write_report, write_run_metrics
 from .outputs import for_workers, prepare_run, run_identity
@@ -32,15 +32,15 @@ from .outputs import for_workers, prepare_run, run_identity
 
 def trial_resources(num_gpus_per_trial: float | None, cpus_per_trial: int | None,
                     wait_s: float = 60.0) -> tuple[float, int]:
-    """(GPUs, CPUs) per run. Default: 1 GPU when the cluster has GPUs, else none; CPUs: the cluster's
-    CPUs per GPU with GPUs, else every CPU (the runs then go one after another, each using all cores).
+    """(GPUs, CPUs) per run. Default: 1 GPU when the cluster has GPUs, else none; CPUs: the GPU nodes'
+    CPUs per GPU (distributed.cpus_per_gpu) with GPUs, else every CPU (the runs then go one after another, each using all cores).
     Waits at most `wait_s` for the cluster to offer one run's worth, then fails naming the flags."""
     deadline = time.monotonic() + wait_s
     while True:
         total = ray.cluster_resources()
         cpus, gpus = int(total.get("CPU", 0)), float(total.get("GPU", 0))
         num_gpus = (1.0 if gpus >= 1 else 0.0) if num_gpus_per_trial is None else float(num_gpus_per_trial)
-        num_cpus = cpus_per_trial or (max(1, int(cpus // gpus)) if num_gpus and gpus else max(1, cpus))
+        num_cpus = cpus_per_trial or (cpus_per_gpu(ray.nodes()) if num_gpus and gpus else max(1, cpus))
         if num_gpus <= gpus and num_cpus <= cpus:
             return num_gpus, num_cpus
         if time.monotonic() >= deadline:

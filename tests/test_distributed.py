@@ -144,3 +144,18 @@ def test_unwritable_storage_path(tmp_path):
     with pytest.raises(PermissionError, match="--storage-path .*a-file/runs"):
         finetune(tmp_path / "out", steps=1, storage_path=str(blocker / "runs"))
     assert not (tmp_path / "out").exists()
+
+
+def test_cpus_per_gpu_counts_the_gpu_nodes_only():
+    """A one-GPU worker must fit on a GPU node: CPU-only nodes (cluster/aws.yaml's CPU group) do not
+    raise the default CPUs per worker / actor / trial."""
+    from calora_ray.distributed import cpus_per_gpu
+
+    head = {"Alive": True, "Resources": {"CPU": 0.0}}
+    cpu_node = {"Alive": True, "Resources": {"CPU": 8.0}}
+    g5 = {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}
+    g5_12 = {"Alive": True, "Resources": {"CPU": 48.0, "GPU": 4.0}}
+    dead = {"Alive": False, "Resources": {"CPU": 2.0, "GPU": 1.0}}
+    assert cpus_per_gpu([head, cpu_node, cpu_node, g5, g5]) == 4
+    assert cpus_per_gpu([head, g5_12, g5, dead]) == 4 and cpus_per_gpu([g5_12]) == 12
+    assert cpus_per_gpu([head, cpu_node]) == 1  # no GPU node: the smallest sensible share
