@@ -34,7 +34,8 @@ $(VENV)/.installed-seg: $(VENV)/.installed
 	$(PY) -c "import mmcv.ops, mmseg, mmengine"
 	touch $@
 
-demo: install
+# The demo's evaluate stage trains mmsegmentation segmenters, so it needs the seg extra too.
+demo: install-seg
 	VENV=$(VENV) bash jobs/demo.sh
 
 # The tests exercise the real mmsegmentation (tests/test_evaluate.py), so they install the seg extra.
