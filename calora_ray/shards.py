@@ -24,6 +24,7 @@ import io
 import json
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import fsspec
 import numpy as np
@@ -225,10 +226,10 @@ def file_uri(fs, path: str) -> str:
     return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
 
 
-def file_rows(fs, files: list[str], columns: list[str], what: str) -> list[tuple[str, int]]:
-    """(URI, number of rows) of each Parquet file, from its footer only; a UserValueError naming
-    `what` and the file when it lacks one of `columns`."""
-    out = []
+def file_rows(fs, files: list[str], columns: list[str], what: str) -> Iterator[tuple[str, int]]:
+    """(URI, number of rows) of each Parquet file, from its footer only, one file at a time (a caller
+    that needs only the first rows stops reading footers there); a UserValueError naming `what` and
+    the file when it lacks one of `columns`."""
     for f in files:
         with fs.open(f, "rb") as handle:
             meta = pq.ParquetFile(handle).metadata
@@ -236,8 +237,7 @@ def file_rows(fs, files: list[str], columns: list[str], what: str) -> list[tuple
         if missing:
             raise UserValueError(f"{what}: {file_uri(fs, f)} has no {' or '.join(repr(c) for c in missing)} column "
                                  f"(columns: {', '.join(meta.schema.names)})")
-        out.append((file_uri(fs, f), meta.num_rows))
-    return out
+        yield file_uri(fs, f), meta.num_rows
 
 
 def read_table(uri: str, columns: list[str] | None = None, max_rows: int | None = None) -> pa.Table:
