@@ -39,7 +39,7 @@ import urllib.parse
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import ray  # this module is the Ray Serve adapter: it always needs Ray
@@ -98,30 +98,57 @@ class SampleRequest:
         return (self.steps, self.guidance, self.conditioning_scale, self.label.shape)
 
 
+MASK_FORMAT = "calora-train-id-png"  # custom OpenAPI string formats: a JSON Schema cannot say "a PNG whose pixels
+COLORMASK_FORMAT = "calora-palette-png"  # are train ids"; the description says it, the name lets clients hook in
+
+# Base64 text of a PNG: the PNG signature encodes as "iVBORw0KGgo"; whitespace (MIME line breaks) is skipped.
+# The server checks the same two things (decode_png) with messages that say which one failed.
+PNG_BASE64_PATTERN = r"^\s*iVBORw0KGgo[A-Za-z0-9+/=\s]*$"
+
+# The rules that join fields, in the schema itself (JSON Schema, OpenAPI 3.1); decode_request enforces the same
+# ones and tests/test_serve.py checks that schema and server agree on bodies that keep or break them. A field
+# given as null counts as not given (what generated clients send for an unset optional field).
+_GIVEN = {"not": {"type": "null"}}  # present and not null: given
+CROSS_FIELD_RULES = {
+    "oneOf": [{"required": ["mask"], "properties": {"mask": _GIVEN}},
+              {"required": ["colormask"], "properties": {"colormask": _GIVEN}}],
+    "not": {"required": ["prompt", "condition"], "properties": {"prompt": _GIVEN, "condition": _GIVEN}},
+}
+
+
 def request_model(limits: Limits):
     """The pydantic model of POST /v1/generate's body, its bounds taken from `limits` (so the OpenAPI
-    schema at /openapi.json states exactly what the server accepts)."""
-    text = dict(max_length=limits.max_body_bytes)
+    schema at /openapi.json states exactly what the server accepts), with the cross-field rules
+    (`CROSS_FIELD_RULES`) added to its JSON schema."""
+    side = (f"each side a multiple of {limits.side_multiple} and at most {limits.max_side} pixels "
+            "(GET /v1/info, `limits`)")
+
+    def png(fmt: str):  # the string branch of `str | None` carries what the string must be
+        return Annotated[str, Field(max_length=limits.max_body_bytes, json_schema_extra={
+            "format": fmt, "pattern": PNG_BASE64_PATTERN, "contentEncoding": "base64",
+            "contentMediaType": "image/png"})]
+
     return create_model(
         "GenerateRequest",
-        __config__=ConfigDict(extra="forbid"),
-        mask=(str | None, Field(None, **text, description=(
-            "Base64 PNG, mode L (or P), of Cityscapes train ids 0..18 (255 = ignore); the image is "
-            f"generated at its size (each side a multiple of {limits.side_multiple}, at most "
-            f"{limits.max_side}). Give `mask` or `colormask`."))),
-        colormask=(str | None, Field(None, **text, description=(
-            "Base64 PNG, RGB (or P), coloured with the Cityscapes palette (GET /v1/info; black = ignore), "
-            "instead of `mask`."))),
+        __config__=ConfigDict(extra="forbid", json_schema_extra=CROSS_FIELD_RULES),
+        mask=(png(MASK_FORMAT) | None, Field(None, description=(
+            "Base64 PNG, mode L (or P), whose pixel values are Cityscapes train ids 0..18 (255 = ignore); "
+            f"the image is generated at its size, {side}. Exactly one of `mask` and `colormask`."))),
+        colormask=(png(COLORMASK_FORMAT) | None, Field(None, description=(
+            "Base64 PNG, mode RGB (or P), coloured with the Cityscapes palette (GET /v1/info; black = ignore), "
+            f"{side}. Exactly one of `mask` and `colormask`."))),
         prompt=(str | None, Field(None, max_length=limits.max_prompt_chars, description=(
-            "The prompt as is; without it, the paper's prompt for the mask's classes under `condition`."))),
+            "The prompt as is; without it, the paper's prompt for the mask's classes under `condition`. "
+            "Not together with `condition`."))),
         condition=(Literal[tuple(CONDITIONS)] | None, Field(None, description=(
             "Weather/time of the paper's prompt (default clear); not together with `prompt`."))),
-        seed=(int | None, Field(None, ge=0, le=SEED_SPACE - 1, description=(
+        seed=(int | None, Field(None, ge=0, lt=SEED_SPACE, description=(  # lt: 2^63 is exact as a float
             "Noise seed of image 0; image i uses (seed + i) mod 2^63. Default: a random one (returned)."))),
         num_inference_steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps)),
         guidance_scale=(float, Field(limits.default_guidance, ge=0.0, le=limits.max_guidance, allow_inf_nan=False)),
         conditioning_scale=(float, Field(1.0, ge=0.0, le=limits.max_conditioning_scale, allow_inf_nan=False)),
-        num_images=(int, Field(1, ge=1, le=limits.max_num_images)),
+        num_images=(int, Field(1, ge=1, le=limits.max_num_images, description=(
+            "Images to generate (seeds seed, seed + 1, ...); 1 with `Accept: image/png`."))),
     )
 
 
@@ -325,17 +352,54 @@ class _BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class ErrorBody(BaseModel):
+    """Every error answer of the API (400, 413, 422, 500)."""
+
+    detail: str = Field(description="What is wrong, starting with the field's name: 'mask: not valid base64'.")
+    field: str | None = Field(description="The request field at fault ('body' for the body as a whole); null "
+                                          "when no field is (a failed generation).")
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="Base64 PNGs, mode RGB, the mask's size.")
+    seeds: list[int] = Field(description="The seed of each image.")
+    prompt: str = Field(description="The prompt used (the paper's prompt when the request gave none).")
+    width: int
+    height: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class GenerationFailed(RuntimeError):
+    """A generate() call failed on the replica (the server's fault: a 500 with an ErrorBody)."""
+
+
+def _error_response(description: str) -> dict:
+    return {"model": ErrorBody, "description": description}
+
+
+# Every status /v1/generate answers, with its body; the app's schema lists them (tests/test_serve.py checks
+# the live server against it with schemathesis).
+GENERATE_ERRORS = {
+    400: _error_response("The body is not a JSON document (malformed, or not UTF-8); `field` is 'body'."),
+    413: _error_response("The body is larger than the server's `max_body_bytes` (GET /v1/info, `limits`)."),
+    422: _error_response(
+        "A JSON body that breaks a rule; `field` names the field: a schema rule (type, bounds, unknown field, "
+        "exactly one of mask/colormask, prompt or condition), a mask that is not a PNG of the described mode, "
+        "with ids or colours outside the class set or sides that are not a multiple of `side_multiple`, or "
+        "`Accept: image/png` with num_images other than 1."),
+    500: _error_response("Generation failed on the server; `field` is null."),
+    503: {"description": "All replicas are busy and the queue is full (Ray Serve's `max_queued_requests`); "
+                         "retry later.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
+
+
 def build_api(run, info, limits: Limits):
     """The FastAPI app. `run(SampleRequest)` is an async callable returning the PNG bytes of its
     images; `info()` returns the /v1/info document (model, adapters, classes, limits, batching)."""
     Body = request_model(limits)
-
-    class GenerateResponse(BaseModel):
-        images: list[str]
-        seeds: list[int]
-        prompt: str
-        width: int
-        height: int
 
     app = FastAPI(
         title="calora_ray: mask-conditioned sampling",
@@ -344,8 +408,9 @@ def build_api(run, info, limits: Limits):
         version="1")
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
 
-    def error(status: int, field: str, message: str) -> JSONResponse:
-        return JSONResponse({"detail": f"{field}: {message}", "field": field}, status_code=status)
+    def error(status: int, field: str | None, message: str) -> JSONResponse:
+        detail = f"{field}: {message}" if field else message
+        return JSONResponse({"detail": detail, "field": field}, status_code=status)
 
     @app.exception_handler(RequestError)
     async def _request_error(_, e: RequestError):
@@ -353,19 +418,32 @@ def build_api(run, info, limits: Limits):
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, e: RequestValidationError):
-        return error(422, *_first_error(e.errors()))
+        errors = e.errors()
+        if errors and errors[0].get("type") == "json_invalid":  # not JSON at all: the request's syntax
+            return error(400, "body", f"not a JSON document ({errors[0].get('ctx', {}).get('error', 'invalid')})")
+        return error(422, *_first_error(errors))
 
     @app.exception_handler(HTTPException)
     async def _http_error(_, e: HTTPException):
+        if e.status_code == 400:  # FastAPI's answer to a body it cannot decode (not UTF-8)
+            return error(400, "body", "not a JSON document (not UTF-8 text)")
         detail = str(e.detail)  # 413 from _BodyLimit names the body; 404 / 405 name no field
         field = "body" if detail.startswith("body:") else None
         return JSONResponse({"detail": detail, "field": field}, status_code=e.status_code, headers=e.headers)
 
-    errors = {413: {"description": "body too large"}, 422: {"description": "bad input; `field` names it"}}
+    @app.exception_handler(GenerationFailed)
+    async def _generation_failed(_, e: GenerationFailed):
+        return error(500, None, str(e))
+
+    @app.exception_handler(Exception)
+    async def _server_error(_, e: Exception):  # a bug of ours: still the documented body (Starlette logs it)
+        return error(500, None, f"internal error ({type(e).__name__})")
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses={
-        200: {"content": {"image/png": {}}, "description": "JSON, or one raw PNG with `Accept: image/png`"},
-        **errors})
+        200: {"content": {"image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}},
+              "description": "JSON, or one raw PNG with `Accept: image/png` (headers X-Seed and X-Prompt, "
+                             "URL-quoted, say how it was made)."},
+        **GENERATE_ERRORS})
     async def generate(body: Body, request: Request):
         """Generate `num_images` images for one mask."""
         sample = decode_request(body, limits)
@@ -380,12 +458,12 @@ def build_api(run, info, limits: Limits):
         return JSONResponse({"images": [base64.b64encode(p).decode("ascii") for p in pngs], "seeds": sample.seeds,
                              "prompt": sample.prompt, "width": width, "height": height})
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     async def healthz():
         """Liveness: the replica is up and its model is loaded."""
         return {"status": "ok"}
 
-    @app.get("/v1/info")
+    @app.get("/v1/info", response_model=dict[str, Any])
     async def v1_info():
         """Model, LoRA hash, ControlNet, classes, palette, limits and batching statistics."""
         return info()
@@ -472,7 +550,7 @@ class SegmentationSampler:
     async def generate_batched(self, requests: list[SampleRequest]) -> list[list[bytes]]:
         # In a thread, so the replica's event loop keeps taking requests (the next batch) meanwhile.
         results = await asyncio.to_thread(self._run_batch, requests)
-        return [RuntimeError(f"generation failed: {r}") if isinstance(r, Exception) else r for r in results]
+        return [GenerationFailed(f"generation failed: {r}") if isinstance(r, Exception) else r for r in results]
 
 
 def check_serve_inputs(cfg: ServeConfig) -> None:
@@ -552,7 +630,11 @@ def run_serve(cfg, block: bool = True) -> str:
 
 
 __all__ = [
+    "COLORMASK_FORMAT",
+    "MASK_FORMAT",
     "BatchStats",
+    "ErrorBody",
+    "GenerationFailed",
     "Limits",
     "RequestError",
     "SampleRequest",

@@ -9,6 +9,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import requests
@@ -16,12 +17,15 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (not_a_server_error, positive_data_acceptance, response_schema_conformance,
+                                 status_code_conformance)
+from schemathesis.generation import GenerationMode
 
 from calora_ray.config import ServeConfig, build_config
 from calora_ray.data.labels import PALETTE, colorize
 from calora_ray.generation import BATCH_TOLERANCE
-from calora_ray.serve import Limits, RequestError, SampleRequest, generate_batch, parse_request
+from calora_ray.serve import (COLORMASK_FORMAT, MASK_FORMAT, GenerationFailed, Limits, RequestError, SampleRequest,
+                              build_api, generate_batch, parse_request)
 
 PORT = 8391  # unusual on purpose: 8000 / 8265 may belong to someone else's cluster on this machine
 URL = f"http://127.0.0.1:{PORT}"
@@ -94,6 +98,92 @@ def test_bad_input_is_a_4xx_naming_the_field():
     check({"mask": png_b64(label), "seed": -1}, "seed")
     check({"mask": png_b64(label), "sead": 1}, "sead")  # typos are errors, not silently ignored
     check([1, 2], "body")
+
+
+def body_schema_validator(limits=Limits(**LIMITS)):
+    """A JSON Schema validator of /v1/generate's body, taken from the app's own OpenAPI document."""
+    openapi = build_api(None, dict, limits).openapi()
+    ref = openapi["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    return jsonschema.Draft202012Validator(openapi["components"]["schemas"][ref.rsplit("/", 1)[1]])
+
+
+def accepted(body, limits=Limits(**LIMITS)) -> bool:
+    try:
+        parse_request(body, limits)
+        return True
+    except RequestError:
+        return False
+
+
+def test_the_schema_states_the_cross_field_rules_the_server_enforces():
+    """Each cross-field rule is in the OpenAPI document, and schema and server agree on bodies that keep or
+    break it (null counts as not given, in both)."""
+    valid = body_schema_validator().is_valid
+    mask, colormask = png_b64(toy_label()), png_b64(colorize(toy_label()))
+    cases = [({"mask": mask}, True), ({"colormask": colormask}, True), ({"mask": mask, "colormask": None}, True),
+             ({"mask": None, "colormask": colormask}, True), ({}, False), ({"mask": None}, False),
+             ({"mask": mask, "colormask": colormask}, False), ({"mask": None, "colormask": None}, False),
+             ({"mask": mask, "prompt": "a street", "condition": "night"}, False),
+             ({"mask": mask, "prompt": None, "condition": "night"}, True),
+             ({"mask": mask, "prompt": "a street", "condition": None}, True),
+             ({"mask": mask, "num_images": LIMITS["max_num_images"] + 1}, False),
+             ({"mask": mask, "seed": 2**63}, False), ({"mask": mask, "extra": 1}, False),
+             ({"mask": "not base64!!"}, False), ({"mask": base64.b64encode(b"GIF89a....").decode()}, False),
+             ({"mask": "\n".join(mask[i:i + 76] for i in range(0, len(mask), 76))}, True)]  # MIME line breaks
+    for body, expected in cases:
+        shown = {k: (v[:12] if isinstance(v, str) else v) for k, v in body.items()}
+        assert valid(body) == expected, ("schema", shown)
+        assert accepted(body) == expected, ("server", shown)
+
+
+def asgi_call(app, body: bytes, headers=((b"content-type", b"application/json"),)) -> tuple[int, dict]:
+    """POST /v1/generate to an ASGI app in process: (status, JSON body)."""
+    import asyncio
+
+    sent, messages = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/generate", "raw_path": b"/v1/generate", "query_string": b"", "root_path": "",
+             "headers": [(b"content-length", str(len(body)).encode()), *headers], "server": ("127.0.0.1", 80),
+             "client": ("127.0.0.1", 1)}
+    try:
+        asyncio.run(app(scope, receive, send))
+    except Exception:  # noqa: BLE001 - Starlette re-raises a bug after answering (for the server's log)
+        assert sent, "no answer before the exception"
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_every_error_status_is_documented_with_its_body():
+    """400 (not JSON, not UTF-8), 413, 422 and 500 (a failed generation, or a bug) answer the ErrorBody that
+    the OpenAPI document lists for that status."""
+    async def fails(_):
+        raise GenerationFailed("generation failed: non-finite pixels")
+
+    async def bug(_):
+        raise KeyError("oops")
+
+    limits = Limits(**LIMITS)
+    openapi = build_api(None, dict, limits).openapi()
+    documented = openapi["paths"]["/v1/generate"]["post"]["responses"]
+    error_schema = {**openapi["components"]["schemas"]["ErrorBody"], "$defs": openapi["components"]["schemas"]}
+    mask = json.dumps({"mask": png_b64(toy_label())}).encode()
+    cases = [(fails, b"\xff\xfe{}", 400, "body"), (fails, b"{not json", 400, "body"),
+             (fails, b"[1, 2]", 422, "body"), (fails, json.dumps({"mask": "x" * 70000}).encode(), 413, "body"),
+             (fails, json.dumps({"mask": png_b64(toy_label()), "num_images": 9}).encode(), 422, "num_images"),
+             (fails, mask, 500, None), (bug, mask, 500, None)]
+    for run, body, status, field in cases:
+        got, answer = asgi_call(build_api(run, dict, limits), body)
+        assert got == status and answer["field"] == field, (body[:20], got, answer)
+        assert str(status) in documented, status
+        jsonschema.validate(answer, error_schema)
+    assert {"200", "400", "413", "422", "500", "503"} == set(documented)
 
 
 class RecordingGenerator:
@@ -245,30 +335,51 @@ def test_bad_requests_over_http_are_4xx_naming_the_field(server):
     for body, status, field in cases:
         r = post(body)
         assert r.status_code == status and r.json()["field"] == field, (body.keys(), r.status_code, r.text[:200])
-    r = requests.post(f"{URL}/v1/generate", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
-    assert r.status_code == 422 and r.json()["field"] == "body"
+    for not_json in (b"{not json", b"\xff\xfe{}"):  # malformed, or not UTF-8: 400, documented in the schema
+        r = requests.post(f"{URL}/v1/generate", data=not_json, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and r.json()["field"] == "body", r.text
     # a streamed (chunked) body has no Content-Length: still cut off at the limit
     r = requests.post(f"{URL}/v1/generate", data=iter([b'{"mask": "' + b"A" * 40000, b"A" * 40000 + b'"}']),
                       headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 413, r.text[:200]
 
 
-def test_fuzz_from_the_openapi_schema_never_500s(server):
-    """Bodies, headers and paths generated by schemathesis from the app's own /openapi.json (valid
-    and invalid by the schema), a bounded number per operation: no answer is a 5xx."""
+# What the custom string formats of the schema name (calora_ray.serve.MASK_FORMAT / COLORMASK_FORMAT): base64 PNGs
+# of train ids (mode L or P) or palette colours (RGB or P), each side a multiple of 32 up to LIMITS' max_side.
+schema_labels = st.builds(lambda h, w, seed: np.random.default_rng(seed).choice(
+    np.array([0, 2, 8, 13, 18, 255], np.uint8), size=(h, w)), st.sampled_from([32, 64]), st.sampled_from([32, 64]),
+    st.integers(0, 99))
+schemathesis.openapi.format(MASK_FORMAT, st.builds(png_b64, schema_labels, st.sampled_from(["L", "P"])))
+schemathesis.openapi.format(COLORMASK_FORMAT, st.builds(lambda label: png_b64(colorize(label)), schema_labels))
+
+
+def test_the_live_server_keeps_its_openapi_contract(server):
+    """schemathesis against the live app's /openapi.json, bounded and derandomised: every request the schema
+    allows is answered 200 (positive data acceptance), every answer's status is documented (status code
+    conformance) with the documented body (response schema conformance), valid and invalid requests alike,
+    and none is a 5xx."""
     schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/generate", "/healthz", "/v1/info"}
+    checks = [not_a_server_error, positive_data_acceptance, status_code_conformance, response_schema_conformance]
+    statuses = Counter()
     for operation in operations:
-        examples = 30 if operation.path == "/v1/generate" else 5
+        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if operation.body else [])
+        for mode in modes:
+            @settings(max_examples=40 if operation.body else 3, deadline=None, suppress_health_check=list(HealthCheck),
+                      derandomize=True, database=None)
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def call(case):
+                response = case.call_and_validate(checks=checks, timeout=120)
+                statuses[(operation.path, mode.value, response.status_code)] += 1
+                if mode == GenerationMode.POSITIVE:  # accepted means generated, not only "not rejected"
+                    assert response.status_code == 200, response.text[:300]
 
-        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)
-        @given(case=operation.as_strategy())
-        def call(case):
-            case.call_and_validate(checks=[not_a_server_error], timeout=120)
-
-        call()
+            call()
+    print(f"schemathesis: {sorted(statuses.items())}")
+    generated = sum(n for (path, mode, status), n in statuses.items() if path == "/v1/generate" and status == 200)
+    rejected = sum(n for (path, mode, status), n in statuses.items() if mode == "negative" and status in (400, 422))
+    assert generated >= 20 and rejected >= 20, statuses  # both sides of the contract were exercised
 
 
 # Valid values first and mostly: hypothesis favours early choices, so a fair share of bodies reaches generation.
