@@ -3,7 +3,7 @@
 A traceback is for bugs; a missing directory or an unknown concept is the user's input and gets
 its message only (calora_ray.errors.UserError and its subclasses). Anything else — a library bug,
 a plain ValueError from deep inside torch — keeps its traceback. Set CALORA_DEBUG=1 to see the
-traceback of a UserError too.
+traceback of a UserError too. Importing this module quiets the libraries' chatter (quiet_libraries).
 """
 
 from __future__ import annotations
@@ -36,7 +36,13 @@ def user_error(e: BaseException) -> UserError | None:
 
 
 def quiet_libraries() -> None:
-    """Keep job output to what the user asked for (progress bars, results), not library chatter."""
+    """Keep job output to what the user asked for (progress bars, results), not library chatter.
+
+    Runs when this module is imported (below), since the libraries warn while they are imported too
+    (transformers' torchvision fallback notice comes with diffusers' pipelines, imported by
+    calora_ray.models after this module in every job), and again in run_job. The job's Ray workers
+    get the same levels from their environment (distributed.WORKER_QUIET_ENV); Ray's own output is
+    distributed.ensure_ray's (--verbose)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
@@ -44,6 +50,9 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
+
+
+quiet_libraries()
 
 
 def run_job(fn, cfg, **kwargs):

@@ -114,6 +114,10 @@ class RayConnectConfig:
     ray_connect_timeout_s: float = field(default=60.0, metadata=_help(
         "How long to wait for that cluster to answer before failing with an error that names its address "
         "(a cluster whose processes died never answers).", identity=False))
+    verbose: bool = field(default=False, metadata=_help(
+        "Show Ray's own messages on the console too (its warnings, Ray Train's INFO lines, its C++ core's log "
+        "lines, its helper actors' output). Default: the job's own progress, results, warnings and errors, "
+        "and one line naming Ray's log directory, which keeps the rest.", identity=False))
 
     def __post_init__(self):
         if isinstance(self.address, str) and self.address.strip().lower() in ("", "none", "null"):

@@ -9,9 +9,12 @@ Ray through `ray_report`. Distribution is configuration (config.DistributedConfi
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -200,12 +203,156 @@ def wait_for_gcs(address: str, source: str, timeout_s: float) -> None:
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
-def ensure_ray(address: str | None = None, timeout_s: float = 60.0) -> bool:
+# ----------------------------------------------------------------------------- what the console shows
+
+# Library verbosity in the job's workers, as cli.quiet_libraries sets it in the driver. Environment
+# variables (the job's runtime_env), so a worker has them before it imports the libraries, whose
+# imports warn too (transformers' torchvision fallback). A key the driver's environment has already is
+# left to it: a submitted job's runtime_env sets its variables in the driver's environment as well, and
+# ray.init refuses a variable that both set.
+WORKER_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+                    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+# Ray's own lines among what the workers write, left out of the console unless --verbose (each stays in
+# its worker's log files): its C++ core's log lines below FATAL ("[time L pid tid] file.cc:N: ..."; e.g.
+# core_worker.cc's note that an actor's constructor arguments are in the object store), Ray Train's
+# INFO line for each report (its logger, named after its file in ray/train/v2/_internal/execution/
+# context.py, is outside `ray.train`, so run_trainer's LoggingConfig does not reach it) ...
+_RAY_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWE] \d+ \d+\] \S+:\d+: "
+                       r"|Reporting training result \d+: TrainingReport\(")
+# ... and everything from Ray's helper actors that write about Ray only: Ray Train's placement group
+# cleaner polls the State API, which a cluster without a dashboard (ensure_ray's local one) lacks, and
+# says so every few seconds.
+_RAY_HELPER_ACTORS = frozenset({"PlacementGroupCleaner"})
+_PRINT_LOGS = "ray_print_logs"  # the name of the handler ray.init(log_to_driver=True) adds (below)
+DRIVER_LOG = "calora-driver-{pid}.log"  # in the session's log directory: the driver's Ray records
+
+
+def worker_line_shown(batch: dict, line: str) -> bool:
+    """Whether a line a worker wrote reaches the console (unless --verbose): everything the job's own
+    code writes (prints, progress bars, warnings, tracebacks), not Ray's own lines (above). `batch`: the
+    metadata Ray forwards it with (actor_name, task_name, pid, is_err)."""
+    return batch.get("actor_name") not in _RAY_HELPER_ACTORS and not _RAY_LINE.match(line)
+
+
+def _filter_forwarded_logs() -> bool:
+    """Print only the worker lines `worker_line_shown` keeps; returns whether the filter is in place.
+
+    The one private hook here, because no public knob tells Ray's lines from the job's: the driver
+    prints what the workers write (every worker's stdout/stderr, published by each node's log monitor)
+    through the handler that ray.init(log_to_driver=True) adds as "ray_print_logs" to
+    ray._private.ray_logging.global_worker_stdstream_dispatcher (ray._private.worker.connect; the thread
+    is Worker.print_logs, the handler print_to_stdstream: dedup, then the "(Actor pid=...)" prefix);
+    ray.shutdown removes it. This wraps that handler. log_to_driver=False would hide the job's progress
+    bars and worker tracebacks too; RAY_DEDUP_LOGS_SKIP_REGEX is read once, when Ray is imported, and
+    sees the text only, not which actor wrote it. Where the dispatcher or the handler is missing (another
+    Ray version) nothing is filtered: the full output, as with --verbose."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher  # delayed: Ray
+        handlers = list(dispatcher.handlers)
+    except (ImportError, AttributeError):
+        return False
+    original = next((handler for name, handler in handlers if name == _PRINT_LOGS), None)
+    if original is None:
+        return False
+
+    def print_logs(batch):
+        try:
+            lines = [line for line in batch["lines"] if worker_line_shown(batch, line)]
+        except Exception:  # noqa: BLE001 - a batch of another shape: print it as Ray would
+            original(batch)
+            return
+        if lines:
+            original({**batch, "lines": lines})
+
+    # one assignment: the dispatcher's emit iterates the list it holds, so no batch misses a handler
+    dispatcher.handlers = [(name, print_logs if handler is original else handler) for name, handler in handlers]
+    return True
+
+
+class _ConsoleErrorsOnly(logging.Filter):
+    """On the console handlers of the driver's "ray" logger (unless --verbose): errors only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+class _DriverLog(logging.Handler):
+    """The driver's Ray records (what ray.init(logging_level="WARNING") lets through, e.g. the token
+    authentication notice) in a file: ray.init warns before its session directory exists, so records
+    until `write_to` are held, then written first; `print_held` prints them instead when ray.init failed."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"))
+        self.path: Path | None = None
+        self._held: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.path is None:
+            self._held.append(record)
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:  # rare records: no descriptor kept open
+                f.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging's own rule: a handler never raises
+            self.handleError(record)
+
+    def write_to(self, path: Path) -> None:
+        with self.lock:
+            self.path, held, self._held = path, self._held, []
+        for record in held:
+            self.handle(record)
+
+    def print_held(self) -> None:
+        with self.lock:
+            held, self._held = self._held, []
+        for record in held:
+            print(self.format(record), file=sys.stderr, flush=True)
+
+
+def _route_ray_logger(verbose: bool) -> _DriverLog | None:
+    """The driver's "ray" logger: unless `verbose`, its console handlers show errors only and a
+    _DriverLog gets the warnings (returned). Undoes what an earlier call set up."""
+    ray_logger = logging.getLogger("ray")
+    for handler in list(ray_logger.handlers):
+        if isinstance(handler, _DriverLog):
+            ray_logger.removeHandler(handler)
+        for f in [f for f in handler.filters if isinstance(f, _ConsoleErrorsOnly)]:
+            handler.removeFilter(f)
+    if verbose:
+        return None
+    for handler in ray_logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_ConsoleErrorsOnly())
+    driver_log = _DriverLog()
+    ray_logger.addHandler(driver_log)
+    return driver_log
+
+
+def ensure_ray(address: str | None = None, timeout_s: float = 60.0, verbose: bool = False) -> bool:
     """Join the Ray cluster (`address`, else RAY_ADDRESS as `ray job submit` sets it, else the cluster
     `ray start` recorded on this machine) or start a local one ('local', or none of them), unless this
     process is connected already. A cluster that does not answer within `timeout_s` fails with a
     ClusterConnectError instead of Ray's unbounded retries. Returns True when it started a local cluster
-    (which this process then owns)."""
+    (which this process then owns).
+
+    What the console shows (the job's stdout/stderr; under `ray job submit` its job log): the job's own
+    output, and what the workers write (progress bars, prints, warnings, tracebacks; Ray Data's
+    driver-side progress is the driver's own), except Ray's own messages, which stay in Ray's log
+    directory, named on one line at the start ("ray logs: <session>/logs"):
+    - the driver's Ray warnings (e.g. the token authentication notice): its "ray" logger shows errors
+      only; the rest is in DRIVER_LOG there;
+    - Ray's lines among the workers' (worker_line_shown: its C++ core's, its helper actors'): each
+      worker's stdout/stderr stays in worker-*.out/.err there (C++ lines also in python-core-worker-*.log);
+    - Ray Train's INFO lines (resources, worker group, process group, checkpoints, reports): run_trainer
+      sets its public LoggingConfig to WARNING; they stay in train/ray-train-sys-*.log there.
+    The log directory is the session's on the node that runs the driver (the head under `ray job
+    submit`); workers on other nodes keep theirs in their node's. Left as they are: Ray Data's driver-side
+    log lines (its progress, when stderr is not a terminal), and the few lines the driver's own C++ core
+    writes straight to its stderr (e.g. core_worker.cc's note when Ray Data starts its actor pool). `verbose`
+    restores Ray's full output.
+    Library noise in the workers (WORKER_QUIET_ENV) is silenced either way, as cli.quiet_libraries
+    does in the driver."""
     import ray  # delayed: importing Ray takes seconds, bad input fails before
 
     if ray.is_initialized():
@@ -213,9 +360,25 @@ def ensure_ray(address: str | None = None, timeout_s: float = 60.0) -> bool:
     target, source = resolve_ray_address(address)
     if target is not None:
         wait_for_gcs(target, source, timeout_s)
-    # the address as given: Ray resolves it again the same way (and turns token auth on only for one it found)
-    ray.init(address=address, include_dashboard=False, log_to_driver=True,
-             logging_level="WARNING", configure_logging=True)
+    env = {key: value for key, value in WORKER_QUIET_ENV.items() if key not in os.environ}
+    driver_log = _route_ray_logger(verbose)
+    try:
+        # the address as given: Ray resolves it again the same way (and turns token auth on only for one it found)
+        context = ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                           logging_level="WARNING", configure_logging=True,
+                           runtime_env={"env_vars": env} if env else None)
+    except BaseException:
+        if driver_log is not None:  # what Ray said before it failed belongs with the error
+            driver_log.print_held()
+            _route_ray_logger(verbose=True)
+        raise
+    if driver_log is not None:
+        session = (getattr(context, "address_info", None) or {}).get("session_dir")  # None under Ray Client
+        logs = Path(session) / "logs" if session else Path(tempfile.gettempdir())
+        driver_log.write_to(logs / DRIVER_LOG.format(pid=os.getpid()))
+        _filter_forwarded_logs()
+        where = logs if session else f"on the cluster's nodes (`ray logs`); this driver's in {logs}"
+        print(f"ray logs: {where} (Ray's own messages; --verbose shows them here)", file=sys.stderr, flush=True)
     return target is None
 
 
@@ -288,17 +451,19 @@ def resolve_resources(num_workers: int, use_gpu: str, cpus_per_worker: int | Non
 def run_trainer(worker_fn: Callable[[dict], None], worker_config: dict[str, Any], *, name: str,
                 storage_path: str, num_workers: int, use_gpu: str = "auto", cpus_per_worker: int | None = None,
                 max_failures: int = 0, resource_wait_s: float = 60.0, num_to_keep: int | None = 2,
-                address: str | None = None, ray_connect_timeout_s: float = 60.0):
+                address: str | None = None, ray_connect_timeout_s: float = 60.0, verbose: bool = False):
     """Run `worker_fn(worker_config)` on `num_workers` Ray Train workers; returns the ray Result.
 
     Resume is Ray's: a run with the same `name` and `storage_path` restores its checkpoint
     manager, and `ray.train.get_checkpoint()` in the workers returns the latest checkpoint.
-    `address`, `ray_connect_timeout_s`: the cluster to join (ensure_ray).
+    `address`, `ray_connect_timeout_s`, `verbose`: the cluster to join and what the console shows
+    (ensure_ray); unless `verbose`, Ray Train logs its INFO lines to its files only.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # delayed: Ray takes seconds
+    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,  # delayed: Ray takes seconds
+                           ScalingConfig)
     from ray.train.torch import TorchTrainer  # delayed: importing Ray takes seconds
 
-    ensure_ray(address, ray_connect_timeout_s)
+    ensure_ray(address, ray_connect_timeout_s, verbose=verbose)
     gpu, per_worker = resolve_resources(num_workers, use_gpu, cpus_per_worker, resource_wait_s)
     resources = {"CPU": per_worker, **({"GPU": 1} if gpu else {})}
     trainer = TorchTrainer(
@@ -308,6 +473,9 @@ def run_trainer(worker_fn: Callable[[dict], None], worker_config: dict[str, Any]
         run_config=RunConfig(
             name=name, storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
+            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+            # the level of Ray Train's `ray.train` records on the console (its controller's and workers'
+            # stderr); its system log files (train/ray-train-sys-*.log in the session's logs) keep them all
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
     )
     return trainer.fit()

@@ -121,7 +121,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict:
     actors = gpu = per_actor = None
     actor_peak_rss_mb = 0.0
     if pending:
-        ensure_ray(cfg.address, cfg.ray_connect_timeout_s)
+        ensure_ray(cfg.address, cfg.ray_connect_timeout_s, verbose=cfg.verbose)
         (low, high), gpu, per_actor = generation_resources(cfg)
         low, high = min(low, len(pending)), min(high, len(pending))
         actors = low if low == high else f"{low}-{high}"

@@ -84,7 +84,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     failures: dict[str, BaseException] = {}
     if pending:
-        ensure_ray(cfg.address, cfg.ray_connect_timeout_s)
+        ensure_ray(cfg.address, cfg.ray_connect_timeout_s, verbose=cfg.verbose)
         num_gpus, num_cpus = trial_resources(cfg.num_gpus_per_trial, cfg.cpus_per_trial, cfg.resource_wait_s)
         total = ray.cluster_resources()
         slots = max(1, min(len(pending), int(total.get("CPU", 1) // num_cpus),

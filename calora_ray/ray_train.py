@@ -72,7 +72,8 @@ def run_scoring(cfg: ScoreConfig) -> Path:
                              num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                              cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
                              resource_wait_s=cfg.resource_wait_s, num_to_keep=None,
-                             address=cfg.address, ray_connect_timeout_s=cfg.ray_connect_timeout_s)
+                             address=cfg.address, ray_connect_timeout_s=cfg.ray_connect_timeout_s,
+                             verbose=cfg.verbose)
         if result.error is not None:
             raise result.error
         with result.checkpoint.as_directory() as d:
@@ -117,7 +118,8 @@ def run_training_job(cfg, identity: dict, worker_fn, worker_config: dict, what: 
                          num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                          cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
                          resource_wait_s=cfg.resource_wait_s,
-                         address=cfg.address, ray_connect_timeout_s=cfg.ray_connect_timeout_s)
+                         address=cfg.address, ray_connect_timeout_s=cfg.ray_connect_timeout_s,
+                         verbose=cfg.verbose)
     if result.error is not None:
         raise result.error
     return result, f"{storage.rstrip('/')}/{name}"

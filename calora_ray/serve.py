@@ -607,7 +607,7 @@ def run_serve(cfg, block: bool = True) -> str:
         # us in the background with SIGINT ignored.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, stop)
-    started_ray = ensure_ray(cfg.address, cfg.ray_connect_timeout_s)  # a local cluster of ours: stopped at the end
+    started_ray = ensure_ray(cfg.address, cfg.ray_connect_timeout_s, verbose=cfg.verbose)  # ours: stopped at the end
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(application(cfg), name=APP_NAME, route_prefix="/", blocking=False)
