@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .selection import SELECTION_MODES
+from .selection import ABLATION_MODES, SELECTION_MODES
 
 class ConfigError(UserError, ValueError):
     """A bad config value; the message names the flag or YAML key."""
@@ -790,6 +790,72 @@ class EvaluateConfig(RayConnectConfig):
         _check_next(self, EvaluateConfig)
 
 
+@dataclass
+class AblateConfig(ModelConfig, DistributedConfig, RayConnectConfig):
+    """jobs/ablate.py: the paper's ablation (which projections get LoRA) as a Ray Tune sweep of Ray Train
+    fine-tuning runs, each measured the same way; a report with the paper's Table 3 and Fig. 6 shapes."""
+
+    model: str = field(default="toy-sd", metadata=_help(
+        "The model every trial fine-tunes: 'toy-sd' (the toy world's diffusion model), 'tiny', or a diffusers "
+        "directory / hub id."))
+    modes: list[str] = field(default_factory=lambda: ["none", "all", "normalized", "unnormalized", "random"],
+                             metadata=_help(
+        "Selection modes: none (pretrained), all (full LoRA), normalized (CA-LoRA), unnormalized, random."))
+    ks: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 10.0], metadata=_help(
+        "Top-k %% of the projections for `normalized` (CA-LoRA): one trial per k (Fig. 6)."))
+    main_k: float = field(default=2.0, metadata=_help(
+        "k %% of `unnormalized` and `random`, and of the Table 3 rows (the paper: 2)."))
+    concepts: list[str] = field(default_factory=lambda: ["style", "viewpoint"], metadata=_help(
+        "Concepts whose sensitivity ranks the projections (one jobs/score.py run each)."))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=_help(
+        "Seeds: each trial once per seed (LoRA init, batches, random selection, sampling noise)."))
+    data: str = field(default="toy:target", metadata=_help(
+        "The few-shot target set every trial trains on (its val split: the held-out alignment reference "
+        "and the masks of label fidelity)."))
+    num_images: int = field(default=30, metadata=_help("Training images (the first N of --data's train split)."))
+    resolution: int = field(default=64, metadata=_help("Training, scoring and sampling resolution."))
+    timestep: int = field(default=81, metadata=_help("Scoring timestep (the paper: 81)."))
+    score_samples: int = field(default=16, metadata=_help("Samples of each concept's scoring run."))
+    score_x0_steps: int = field(default=10, metadata=_help("Sampling steps of the scoring run's x_0."))
+    rank: int = field(default=16, metadata=_help("LoRA rank of every trial."))
+    steps: int = field(default=600, metadata=_help("Optimizer steps of every trial (the same budget for all)."))
+    batch_size: int = field(default=4, metadata=_help("Images per step."))
+    learning_rate: float = field(default=1e-3, metadata=_help("AdamW learning rate of every trial."))
+    checkpoint_every: int = field(default=100, metadata=_help(
+        "Checkpoint every N steps (a killed trial continues from there).", identity=False))
+    sample_images: int = field(default=8, metadata=_help(
+        "Samples per prompt (clear, night, foggy, rainy, snowy) for the metrics."))
+    sample_steps: int = field(default=20, metadata=_help("Sampling steps of the measured samples."))
+    guidance: float = field(default=4.0, metadata=_help("Guidance scale of the measured samples."))
+    reference_images: int = field(default=100, metadata=_help("Held-out target images of the alignment."))
+    controlnet: str | None = field(default="models/toy-sd-controlnet", metadata=_help(
+        "A segmentation ControlNet of --model for label fidelity (none: not measured)."))
+    fidelity_masks: int = field(default=16, metadata=_help("Held-out masks of the label-fidelity samples."))
+    max_concurrent_trials: int | None = field(default=None, metadata=_help(
+        "Trials at once; default: as many trainers as the cluster holds (GPUs / --num-workers, or CPUs / "
+        "the CPUs of one trial).", identity=False))
+    work_dir: str = field(default="outputs/ablation", metadata=_help(
+        "Scoring runs, each trial's fine-tuning run (checkpoints, adapter) and Tune's state.", identity=False))
+    output: str = field(default="outputs/ablation/report", metadata=_help(
+        "The results: trials/<trial>.json (one per finished trial; a rerun runs only the missing ones), "
+        "grids/, report.md, fig6.png, results.json. docs/ablation for the documented sweep.", identity=False))
+
+    def __post_init__(self):
+        for mode in self.modes:
+            check_choice("modes", mode, ABLATION_MODES)
+        if not self.seeds or not self.modes:
+            raise ConfigError("--modes and --seeds must not be empty")
+        if any(not 0 < k <= 100 for k in [*self.ks, self.main_k]):
+            raise ConfigError(f"--ks and --main-k must be in (0, 100], got {self.ks} and {self.main_k}")
+        for name in ("num_images", "steps", "batch_size", "rank", "sample_images", "sample_steps",
+                     "reference_images", "score_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.controlnet, str) and self.controlnet.lower() in ("", "none", "null"):
+            self.controlnet = None
+        _check_next(self, AblateConfig)
+
+
 # ----------------------------------------------------------------------------- parsing
 
 
@@ -962,4 +1028,4 @@ def to_dict(cfg) -> dict[str, Any]:
 JOB_CONFIGS = {"score": ScoreConfig, "finetune": FinetuneConfig, "sample": SampleConfig,
                "pretrain_toy": PretrainConfig, "measure": MeasureConfig, "train_controlnet": ControlNetConfig,
                "generate": GenerateConfig, "serve": ServeConfig,
-               "evaluate": EvaluateConfig}
+               "evaluate": EvaluateConfig, "ablate": AblateConfig}

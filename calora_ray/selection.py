@@ -10,6 +10,7 @@ import random
 from fractions import Fraction
 
 SELECTION_MODES = ("normalized", "unnormalized", "random", "all")
+ABLATION_MODES = ("none", "all", "normalized", "unnormalized", "random")  # + the pretrained model (jobs/ablate.py)
 
 
 def num_selected(num_candidates: int, top_k_percent: float) -> int:

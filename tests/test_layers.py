@@ -14,8 +14,9 @@ LAYERS = [
     ("models and the toy world", ["models", "toyworld"]),
     ("datasets", ["datasets", "probe"]),
     ("artifacts", ["lora", "controlnet", "outputs", "shards", "masks"]),
-    ("job drivers", ["scoring", "training", "generation", "sampling", "measure", "toyworld.pretrain", "evaluation"]),
-    ("Ray adapters", ["distributed", "ray_train", "ray_data", "ray_eval", "serve"]),
+    ("job drivers", ["scoring", "training", "generation", "sampling", "measure", "toyworld.pretrain", "evaluation",
+                     "ablation", "ablation_report"]),
+    ("Ray adapters", ["distributed", "ray_train", "ray_data", "ray_eval", "ray_tune", "serve"]),
 ]
 # Delayed (function-local) imports are allowed only for these heavy optional libraries, and each
 # carries a comment on its line saying why.

@@ -1,0 +1,161 @@
+"""The paper's ablation in the toy world (issue 14): which projections to tune, and what it costs.
+
+One trial = (selection mode, k, concept, seed):
+
+    none          the pretrained model, no LoRA                      (k, concept: None)
+    all           LoRA on every candidate projection (full LoRA)     (k, concept: None)
+    normalized    CA-LoRA: top-k % by normalized concept sensitivity
+    unnormalized  top-k % by the raw (unnormalized) sensitivity
+    random        k % drawn at random (the trial's seed)
+
+Every trial trains on the same data for the same steps and is measured the same way
+(`measure_trial`): samples under the clear prompt and under the conditions the few-shot target
+set lacks (night, foggy, rainy, snowy), then the toy metrics of calora_ray.measure: domain
+alignment (kernel MMD² to held-out target images, probe features: the toy CMMD), prompt adherence
+to the condition (the toy CLIP-score), memorisation (distance to the nearest training image) and,
+with a ControlNet, label fidelity of mask-conditioned samples. Each trial's record is one JSON
+file (`write_trial`), the unit of resume; calora_ray.ablation_report turns a directory of them
+into docs/ablation.md's tables and plots.
+
+Plain functions, no Ray: calora_ray.ray_tune runs the grid as a Ray Tune experiment whose trials
+are Ray Train runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import MeasureConfig, build_config
+from .datasets import open_dataset
+from .generation import MaskGenerator
+from .measure import SampleSet, probe_metrics
+from .outputs import atomic_write_text
+from .plots import image_grid
+from .sampling import sample_images
+from .selection import ABLATION_MODES as MODES, select_modules
+from .toyworld.world import BASE_PROMPTS, CONDITION_PHRASES
+
+CONCEPT_FREE = ("none", "all")  # modes whose trials depend on neither k nor the concept
+CLEAR = BASE_PROMPTS[("photorealistic", "first-person")] + CONDITION_PHRASES["clear"]
+UNSEEN_CONDITIONS = ("night", "foggy", "rainy", "snowy")  # the few-shot target set has only clear weather
+
+
+def trial_id(mode: str, k: float | None, concept: str | None, seed: int) -> str:
+    """'normalized-k2-style-s0', 'all-s1': file names and Tune trial names."""
+    if mode in CONCEPT_FREE:
+        return f"{mode}-s{seed}"
+    return f"{mode}-k{k:g}-{concept}-s{seed}"
+
+
+def trial_grid(modes, ks, main_k: float, concepts, seeds) -> list[dict]:
+    """Every trial of the sweep, in a stable order: `normalized` at every k in `ks`, `unnormalized` and
+    `random` at `main_k`, `none` and `all` once per seed (they depend on no concept)."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown selection mode(s) {unknown}; one of {', '.join(MODES)}")
+    trials = []
+    for seed in seeds:
+        for mode in modes:
+            if mode in CONCEPT_FREE:
+                trials.append({"mode": mode, "k": None, "concept": None, "seed": seed})
+                continue
+            for concept in concepts:
+                for k in (ks if mode == "normalized" else [main_k]):
+                    trials.append({"mode": mode, "k": float(k), "concept": concept, "seed": seed})
+    for t in trials:
+        t["trial"] = trial_id(t["mode"], t["k"], t["concept"], t["seed"])
+    return trials
+
+
+def trial_modules(trial: dict, report: dict | None, k_by: str = "count") -> list[str] | None:
+    """The projections a trial tunes: None for `none`, from a jobs/score.py report (sensitivity.json of
+    the trial's concept) otherwise."""
+    if trial["mode"] == "none":
+        return None
+    return select_modules("all" if trial["mode"] == "all" else trial["mode"], report["scores_normalized"],
+                          report["scores_unnormalized"], trial["k"] or 100.0, k_by, report["param_counts"],
+                          seed=trial["seed"])
+
+
+def trial_prompts() -> list[str]:
+    """The clear prompt, then one per condition the target set lacks."""
+    base = BASE_PROMPTS[("photorealistic", "first-person")]
+    return [CLEAR] + [base + CONDITION_PHRASES[c] for c in UNSEEN_CONDITIONS]
+
+
+@torch.no_grad()
+def measure_trial(model: str, lora: str | None, *, seed: int, num_images: int, steps: int, guidance: float,
+                  resolution: int, reference: str, reference_images: int, train_data: str, train_images: int,
+                  controlnet: str | None = None, fidelity_masks: int = 0, probe: str | None = None,
+                  model_seed: int = 0, grid_path: str | Path | None = None) -> dict:
+    """A trial's metrics: `num_images` samples per prompt (clear + the unseen conditions, seeds seed..),
+    probe metrics against the held-out target (`reference`, split val) and the training images; with a
+    `controlnet`, label fidelity on `fidelity_masks` held-out target masks. Writes the clear / night
+    rows as a grid to `grid_path`. Deterministic for a seed on CPU."""
+    generator = MaskGenerator(model, lora=lora, controlnet=controlnet, model_seed=model_seed)
+    components = generator.components
+    prompts = trial_prompts()
+    rows = sample_images(components, prompts, num_images, seed, steps, guidance, resolution)
+    images = np.stack([np.asarray(im.convert("RGB")) for row in rows for im in row])
+    asked = [p for p in prompts for _ in range(num_images)]
+    cfg = build_config(MeasureConfig, {"samples": "-", "reference": reference, "reference_split": "val",
+                                       "reference_images": reference_images, "train_data": train_data,
+                                       "train_images": train_images, "probe": probe, "resolution": 64,
+                                       "seed": seed, "output": "-"})
+    report = probe_metrics(SampleSet(images, asked), cfg)
+    by_condition = report["prompt_adherence"]["condition"]["by_value"]
+    adherence = {c: by_condition.get(c) for c in UNSEEN_CONDITIONS}
+    known = [v for v in adherence.values() if v is not None]
+    record = {"alignment_mmd2": report["domain_alignment"]["kernel_mmd2"],
+              "alignment_clear_mmd2": None, "adherence": adherence,
+              "adherence_mean": float(np.mean(known)) if known else None,
+              "memorisation": report["memorisation"]["mean_nn_rmse"], "label_fidelity": None}
+    # alignment of the clear-weather samples alone: the target's own condition, no prompt shift
+    clear = probe_metrics(SampleSet(images[:num_images], asked[:num_images]),
+                          build_config(MeasureConfig, {**_fields(cfg), "train_data": None}))
+    record["alignment_clear_mmd2"] = clear["domain_alignment"]["kernel_mmd2"]
+    if controlnet is not None and fidelity_masks > 0:
+        masks = open_dataset(reference, split="val", num_images=fidelity_masks, resolution=resolution)
+        labels = [masks[i]["label"] for i in range(min(fidelity_masks, len(masks)))]
+        generated = generator.generate(labels, [CLEAR] * len(labels), [seed + i for i in range(len(labels))],
+                                       steps=steps, guidance=guidance)
+        fidelity = probe_metrics(SampleSet(np.stack(generated), [CLEAR] * len(labels), np.stack(labels)),
+                                 build_config(MeasureConfig, {**_fields(cfg), "reference": None, "train_data": None}))
+        record["label_fidelity"] = fidelity["label_fidelity"]["miou"]
+    if grid_path is not None:
+        Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
+        night = 1 + UNSEEN_CONDITIONS.index("night")
+        image_grid([rows[0], rows[night]], [prompts[0], prompts[night]]).save(grid_path)
+    return record
+
+
+def _fields(cfg) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def lora_param_percent(lora_params: int, unet_params: int) -> float:
+    """Trained LoRA parameters as a % of the UNet's (the paper's 'parameter %')."""
+    return 100.0 * lora_params / unet_params if unet_params else math.nan
+
+
+def write_trial(directory: str | Path, record: dict) -> Path:
+    """`<directory>/trials/<trial>.json`, written atomically: a trial either finished or did not."""
+    path = Path(directory) / "trials" / f"{record['trial']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+def finished_trials(directory: str | Path) -> set[str]:
+    """Trial ids with a record in `<directory>/trials` (what a rerun skips)."""
+    return {p.stem for p in (Path(directory) / "trials").glob("*.json")}
+
+
+__all__ = ["CLEAR", "MODES", "UNSEEN_CONDITIONS", "finished_trials", "lora_param_percent",
+           "measure_trial", "trial_grid", "trial_id", "trial_modules", "write_trial"]
