@@ -232,7 +232,8 @@ def train_probe(cfg: ProbeTrainConfig, progress: bool = True) -> tuple[ProbeNet,
     # waiting on each other) when other work shares the cores, as 2 threads did: 0.8 s vs 0.09 s a step.
     torch.set_num_threads(1)
     try:
-        return _train_probe(cfg, progress)
+        with torch.enable_grad():  # also when the caller measures under no_grad (the probe trains on first use)
+            return _train_probe(cfg, progress)
     finally:
         torch.set_num_threads(threads)
 

@@ -14,7 +14,7 @@ from calora_ray.config import AblateConfig, ConfigError, build_config
 
 from conftest import run_job_main
 
-METRICS = ("alignment_mmd2", "alignment_clear_mmd2", "adherence_mean", "memorisation", "final_loss",
+METRICS = ("alignment_mmd2", "alignment_all_prompts_mmd2", "adherence_mean", "memorisation", "final_loss",
            "lora_params", "num_modules", "param_percent")
 
 

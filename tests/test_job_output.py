@@ -112,8 +112,10 @@ def test_the_drivers_ray_warnings_go_to_the_log_file(tmp_path, capsys):
     import ray  # noqa: F401 - sets up the "ray" logger and its console handler, as a job's import does
 
     ray_logger, log = logging.getLogger("ray"), logging.getLogger("ray.calora_test")
-    console = [h for h in ray_logger.handlers if not isinstance(h, distributed._DriverLog)]
-    assert console  # Ray's own (PlainRayHandler)
+    # its console handlers (Ray's own PlainRayHandler); a file handler an earlier test left is not one
+    console = [h for h in ray_logger.handlers
+               if isinstance(h, logging.StreamHandler) and not isinstance(h, (logging.FileHandler, distributed._DriverLog))]
+    assert console
     warning, error = (log.makeRecord(log.name, level, __file__, 1, "a Ray message", (), None)
                       for level in (logging.WARNING, logging.ERROR))
     try:

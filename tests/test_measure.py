@@ -123,7 +123,8 @@ def test_probe_cache_is_reused_and_keyed_by_its_config(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="no probe trained with this configuration"):
         load_probe(tmp_path, ProbeTrainConfig(**{**small.__dict__, "steps": 4}), train_if_missing=False)
-    retrained = load_probe(tmp_path / "other", small, progress=False)  # deterministic: same weights again
+    with torch.no_grad():  # a caller measuring under no_grad (jobs/ablate.py's trials) still gets it trained
+        retrained = load_probe(tmp_path / "other", small, progress=False)  # deterministic: same weights again
     for a, b in zip(first.net.state_dict().values(), retrained.net.state_dict().values()):
         assert torch.equal(a, b)
 
