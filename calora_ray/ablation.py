@@ -35,6 +35,7 @@ from .config import MeasureConfig, build_config
 from .datasets import open_dataset
 from .generation import MaskGenerator
 from .measure import SampleSet, probe_metrics
+from .errors import UserValueError
 from .outputs import atomic_write_text
 from .plots import image_grid
 from .sampling import sample_images
@@ -44,6 +45,10 @@ from .toyworld.world import BASE_PROMPTS, CONDITION_PHRASES
 CONCEPT_FREE = ("none", "all")  # modes whose trials depend on neither k nor the concept
 CLEAR = BASE_PROMPTS[("photorealistic", "first-person")] + CONDITION_PHRASES["clear"]
 UNSEEN_CONDITIONS = ("night", "foggy", "rainy", "snowy")  # the few-shot target set has only clear weather
+
+
+class AblationMismatchError(UserValueError):
+    """A finished trial of --output was made with other sweep settings than this run's."""
 
 
 def trial_id(mode: str, k: float | None, concept: str | None, seed: int) -> str:
@@ -151,9 +156,23 @@ def write_trial(directory: str | Path, record: dict) -> Path:
     return path
 
 
-def finished_trials(directory: str | Path) -> set[str]:
-    """Trial ids with a record in `<directory>/trials` (what a rerun skips)."""
-    return {p.stem for p in (Path(directory) / "trials").glob("*.json")}
+def finished_trials(directory: str | Path, identity: dict | None = None) -> set[str]:
+    """Trial ids with a record in `<directory>/trials` (what a rerun skips). With `identity` (the sweep's
+    settings that every trial shares: outputs.run_identity), a record made with other settings is an
+    error naming the first difference: its numbers would not be comparable with this run's."""
+    done = set()
+    for path in sorted((Path(directory) / "trials").glob("*.json")):
+        if identity is not None:
+            theirs = json.loads(path.read_text()).get("identity")
+            if theirs != identity:
+                keys = sorted(set(identity) | set(theirs or {}))
+                diff = next((k for k in keys if (theirs or {}).get(k) != identity.get(k)), "identity")
+                raise AblationMismatchError(
+                    f"{path} was made with {diff}={(theirs or {}).get(diff)!r}, this run has {identity.get(diff)!r}: "
+                    "use another --output for other settings (only --modes, --ks, --concepts, --seeds and "
+                    "run-time knobs may change between runs of one sweep)")
+        done.add(path.stem)
+    return done
 
 
 __all__ = ["CLEAR", "MODES", "UNSEEN_CONDITIONS", "finished_trials", "lora_param_percent",

@@ -800,15 +800,17 @@ class AblateConfig(ModelConfig, DistributedConfig, RayConnectConfig):
         "directory / hub id."))
     modes: list[str] = field(default_factory=lambda: ["none", "all", "normalized", "unnormalized", "random"],
                              metadata=_help(
-        "Selection modes: none (pretrained), all (full LoRA), normalized (CA-LoRA), unnormalized, random."))
+        "Selection modes: none (pretrained), all (full LoRA), normalized (CA-LoRA), unnormalized, random. "
+        "This and --ks, --concepts, --seeds choose the grid: a rerun may extend it.", identity=False))
     ks: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 10.0], metadata=_help(
-        "Top-k %% of the projections for `normalized` (CA-LoRA): one trial per k (Fig. 6)."))
+        "Top-k %% of the projections for `normalized` (CA-LoRA): one trial per k (Fig. 6).", identity=False))
     main_k: float = field(default=2.0, metadata=_help(
         "k %% of `unnormalized` and `random`, and of the Table 3 rows (the paper: 2)."))
     concepts: list[str] = field(default_factory=lambda: ["style", "viewpoint"], metadata=_help(
-        "Concepts whose sensitivity ranks the projections (one jobs/score.py run each)."))
+        "Concepts whose sensitivity ranks the projections (one jobs/score.py run each).", identity=False))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=_help(
-        "Seeds: each trial once per seed (LoRA init, batches, random selection, sampling noise)."))
+        "Seeds: each trial once per seed (LoRA init, batches, random selection, sampling noise).",
+        identity=False))
     data: str = field(default="toy:target", metadata=_help(
         "The few-shot target set every trial trains on (its val split: the held-out alignment reference "
         "and the masks of label fidelity)."))

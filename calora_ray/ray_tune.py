@@ -25,7 +25,7 @@ from .ablation_report import write_report
 from .config import AblateConfig, FinetuneConfig, ScoreConfig, build_config
 from .distributed import ensure_ray, resolve_resources
 from .models import load_unet_skeleton
-from .outputs import atomic_write_text
+from .outputs import atomic_write_text, run_identity
 from .ray_train import run_finetune, run_scoring
 
 
@@ -97,6 +97,7 @@ def ablation_trial(config: dict) -> None:
               "steps": finetune.get("steps"), "final_loss": finetune.get("final_loss"), **metrics,
               "miou_real": None, "miou_real_synth": None, "miou_delta": None,
               "elapsed_s": round(time.perf_counter() - started, 1),
+              "identity": run_identity(cfg),  # what makes trials comparable (a rerun checks it)
               "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("address",)}}
     write_trial(cfg.output, record)
     tune.report({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None})
@@ -140,7 +141,7 @@ def run_ablation(cfg: AblateConfig, *, command: str, machine: str) -> Path:
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / "grid.json", json.dumps([t["trial"] for t in grid], indent=2) + "\n")
-    done = finished_trials(output)
+    done = finished_trials(output, run_identity(cfg))
     remaining = [t for t in grid if t["trial"] not in done]
     print(f"ablation: {len(grid)} trials, {len(grid) - len(remaining)} finished before, {len(remaining)} to run",
           flush=True)

@@ -92,5 +92,9 @@ def test_a_small_sweep_reports_resumes_and_reproduces(tmp_path):
 
         code, text = run_job_main("ablate", *args)  # nothing left: no Ray work, the report again
         assert code == 0 and "2 trials, 2 finished before, 0 to run" in text, text
+        # other settings in the same output would mix incomparable numbers: refused, naming the setting
+        other = [("5" if a == "4" and args[i - 1] == "--steps" else a) for i, a in enumerate(args)]
+        code, text = run_job_main("ablate", *other)
+        assert code == 2 and "was made with steps=4, this run has 5" in text, text
     finally:
         ray.shutdown()
