@@ -25,7 +25,7 @@ from .ablation_report import write_report
 from .config import AblateConfig, FinetuneConfig, ScoreConfig, build_config
 from .distributed import ensure_ray, resolve_resources
 from .models import load_unet_skeleton
-from .outputs import atomic_write_text, run_identity
+from .outputs import atomic_write_text, for_workers, run_identity
 from .ray_train import run_finetune, run_scoring
 
 
@@ -97,7 +97,7 @@ def ablation_trial(config: dict) -> None:
               "steps": finetune.get("steps"), "final_loss": finetune.get("final_loss"), **metrics,
               "miou_real": None, "miou_real_synth": None, "miou_delta": None,
               "elapsed_s": round(time.perf_counter() - started, 1),
-              "identity": run_identity(cfg),  # what makes trials comparable (a rerun checks it)
+              "identity": config["identity"],  # what makes trials comparable (a rerun checks it)
               "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("address",)}}
     write_trial(cfg.output, record)
     tune.report({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None})
@@ -141,8 +141,11 @@ def run_ablation(cfg: AblateConfig, *, command: str, machine: str) -> Path:
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / "grid.json", json.dumps([t["trial"] for t in grid], indent=2) + "\n")
-    done = finished_trials(output, run_identity(cfg))
+    identity = run_identity(cfg)  # as the user gave it; the trials get absolute paths (below)
+    done = finished_trials(output, identity)
     remaining = [t for t in grid if t["trial"] not in done]
+    # Tune runs each trial in its own directory, and its tasks in their node's: local paths made absolute
+    cfg = for_workers(cfg, outputs=("output", "work_dir"), inputs=("model", "data", "controlnet"))
     print(f"ablation: {len(grid)} trials, {len(grid) - len(remaining)} finished before, {len(remaining)} to run",
           flush=True)
     if remaining:
@@ -155,7 +158,7 @@ def run_ablation(cfg: AblateConfig, *, command: str, machine: str) -> Path:
             # The trial function only waits on its trainer and its measuring task, which hold the CPUs/GPUs;
             # Tune needs a non-empty request, so it asks for memory alone.
             tune.with_resources(ablation_trial, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}),
-            param_space={"cfg": cfg, "trial": tune.grid_search(remaining), "reports": reports,
+            param_space={"cfg": cfg, "identity": identity, "trial": tune.grid_search(remaining), "reports": reports,
                          "resources": resources, "num_candidates": len(next(iter(reports.values()))["scores"]),
                          "unet_params": sum(p.numel() for p in unet.parameters())},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_trials(cfg, *resources),

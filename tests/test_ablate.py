@@ -46,19 +46,21 @@ def test_each_mode_selects_its_projections():
     assert len(modules("random")) == 2 and modules("random", seed=1) != modules("random", seed=0)
 
 
-def test_a_small_sweep_reports_resumes_and_reproduces(tmp_path):
-    """The CI-sized sweep of the documented one: two trials (pretrained, CA-LoRA 2 % on style), one seed."""
+def test_a_small_sweep_reports_resumes_and_reproduces(tmp_path, monkeypatch):
+    """The CI-sized sweep of the documented one: two trials (pretrained, CA-LoRA 2 % on style), one seed.
+    Relative output paths, as a user types them: Tune runs each trial in a directory of its own."""
     import ray
 
+    monkeypatch.chdir(tmp_path)
     out, work = tmp_path / "out", tmp_path / "work"
     args = ["--model", "tiny", "--modes", "none", "normalized", "--ks", "2", "--concepts", "style", "--seeds", "0",
             "--steps", "4", "--batch-size", "2", "--sample-images", "2", "--sample-steps", "2", "--score-samples", "2",
-            "--score-x0-steps", "2", "--reference-images", "8", "--controlnet", "none", "--work-dir", work,
-            "--output", out, "--address", "local"]
+            "--score-x0-steps", "2", "--reference-images", "8", "--controlnet", "none", "--work-dir", "work",
+            "--output", "out", "--address", "local"]
     try:
         code, text = run_job_main("ablate", *args)
         assert code == 0, text
-        assert "2 trials, 0 finished before, 2 to run" in text and f"report: {out / 'report.md'}" in text
+        assert "2 trials, 0 finished before, 2 to run" in text and "report: out/report.md" in text
         records = {p.stem: json.loads(p.read_text()) for p in (out / "trials").glob("*.json")}
         assert set(records) == {"none-s0", "normalized-k2-style-s0"}
         none, ca = records["none-s0"], records["normalized-k2-style-s0"]
