@@ -118,6 +118,7 @@ def test_the_drivers_ray_warnings_go_to_the_log_file(tmp_path, capsys):
     assert console
     warning, error = (log.makeRecord(log.name, level, __file__, 1, "a Ray message", (), None)
                       for level in (logging.WARNING, logging.ERROR))
+    log.setLevel(logging.WARNING)  # an earlier ray.init(logging_level="ERROR") in this process set the parent's
     try:
         driver_log = distributed._route_ray_logger(verbose=False)
         assert [h.filter(warning) for h in console] == [False] * len(console)
@@ -138,6 +139,7 @@ def test_the_drivers_ray_warnings_go_to_the_log_file(tmp_path, capsys):
         assert sum(isinstance(h, distributed._DriverLog) for h in ray_logger.handlers) == 1
         assert [h.filter(warning) for h in console] == [False] * len(console)
     finally:
+        log.setLevel(logging.NOTSET)
         assert distributed._route_ray_logger(verbose=True) is None
     assert [h.filter(warning) for h in console] == [True] * len(console)
     assert not [h for h in ray_logger.handlers if isinstance(h, distributed._DriverLog)]
