@@ -119,7 +119,7 @@ def measure_trial(model: str, lora: str | None, *, seed: int, num_images: int, s
     # alignment as the paper measures it: samples of the base (clear) prompt against the target's held-out
     # images, which are clear too; over every prompt it would mostly measure the conditions' own look
     clear = probe_metrics(SampleSet(images[:num_images], asked[:num_images]),
-                          build_config(MeasureConfig, {**_fields(cfg), "train_data": None}))
+                          dataclasses.replace(cfg, train_data=None))
     record = {"alignment_mmd2": clear["domain_alignment"]["kernel_mmd2"],
               "alignment_all_prompts_mmd2": report["domain_alignment"]["kernel_mmd2"], "adherence": adherence,
               "adherence_mean": float(np.mean(known)) if known else None,
@@ -130,17 +130,13 @@ def measure_trial(model: str, lora: str | None, *, seed: int, num_images: int, s
         generated = generator.generate(labels, [CLEAR] * len(labels), [seed + i for i in range(len(labels))],
                                        steps=steps, guidance=guidance)
         fidelity = probe_metrics(SampleSet(np.stack(generated), [CLEAR] * len(labels), np.stack(labels)),
-                                 build_config(MeasureConfig, {**_fields(cfg), "reference": None, "train_data": None}))
+                                 dataclasses.replace(cfg, reference=None, train_data=None))
         record["label_fidelity"] = fidelity["label_fidelity"]["miou"]
     if grid_path is not None:
         Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
         night = 1 + UNSEEN_CONDITIONS.index("night")
         image_grid([rows[0], rows[night]], [prompts[0], prompts[night]]).save(grid_path)
     return record
-
-
-def _fields(cfg) -> dict:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
 def lora_param_percent(lora_params: int, unet_params: int) -> float:
