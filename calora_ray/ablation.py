@@ -39,7 +39,7 @@ from .errors import UserValueError
 from .outputs import atomic_write_text
 from .plots import image_grid
 from .sampling import sample_images
-from .selection import ABLATION_MODES as MODES, select_modules
+from .selection import ABLATION_MODES as MODES, select_modules, select_top_k, spearman, top_k_overlap
 from .toyworld.world import BASE_PROMPTS, CONDITION_PHRASES
 
 CONCEPT_FREE = ("none", "all")  # modes whose trials depend on neither k nor the concept
@@ -51,31 +51,46 @@ class AblationMismatchError(UserValueError):
     """A finished trial of --output was made with other sweep settings than this run's."""
 
 
-def trial_id(mode: str, k: float | None, concept: str | None, seed: int) -> str:
-    """'normalized-k2-style-s0', 'all-s1': file names and Tune trial names."""
+def trial_id(mode: str, k: float | None, concept: str | None, seed: int, timestep: int | None = None) -> str:
+    """'normalized-k2-style-s0', 'all-s1', 'normalized-k2-style-t1-s0' (scored at another timestep than the
+    sweep's): file names and Tune trial names."""
     if mode in CONCEPT_FREE:
         return f"{mode}-s{seed}"
-    return f"{mode}-k{k:g}-{concept}-s{seed}"
+    return f"{mode}-k{k:g}-{concept}" + (f"-t{timestep}" if timestep is not None else "") + f"-s{seed}"
 
 
-def trial_grid(modes, ks, main_k: float, concepts, seeds) -> list[dict]:
-    """Every trial of the sweep, in a stable order: `normalized` at every k in `ks`, `unnormalized` and
-    `random` at `main_k`, `none` and `all` once per seed (they depend on no concept)."""
+def trial_grid(modes, ks, main_k: float, concepts, seeds, timesteps=(), main_timestep: int | None = None) -> list[dict]:
+    """Every trial of the sweep, in a stable order: `normalized` at every k in `ks` and, at `main_k`, once per
+    scoring timestep in `timesteps` other than `main_timestep` (the paper's Table 5; "timestep": that t, None =
+    the sweep's); `unnormalized` and `random` at `main_k`; `none` and `all` once per seed (they depend on no
+    concept)."""
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown selection mode(s) {unknown}; one of {', '.join(MODES)}")
+    other_timesteps = [t for t in dict.fromkeys(timesteps) if t != main_timestep]
     trials = []
     for seed in seeds:
         for mode in modes:
             if mode in CONCEPT_FREE:
-                trials.append({"mode": mode, "k": None, "concept": None, "seed": seed})
+                trials.append({"mode": mode, "k": None, "concept": None, "seed": seed, "timestep": None})
                 continue
             for concept in concepts:
                 for k in (ks if mode == "normalized" else [main_k]):
-                    trials.append({"mode": mode, "k": float(k), "concept": concept, "seed": seed})
+                    trials.append({"mode": mode, "k": float(k), "concept": concept, "seed": seed, "timestep": None})
+                if mode == "normalized":
+                    trials += [{"mode": mode, "k": float(main_k), "concept": concept, "seed": seed, "timestep": t}
+                               for t in other_timesteps]
     for t in trials:
-        t["trial"] = trial_id(t["mode"], t["k"], t["concept"], t["seed"])
+        t["trial"] = trial_id(t["mode"], t["k"], t["concept"], t["seed"], t["timestep"])
     return trials
+
+
+def in_table3(trial: dict, main_k: float) -> bool:
+    """Whether a trial is one of Table 3's groups (none, full LoRA, the selections at the main k and the
+    sweep's timestep): the trials the downstream mIoU is measured for."""
+    if trial.get("timestep") is not None:
+        return False
+    return trial["mode"] in CONCEPT_FREE or math.isclose(trial["k"], main_k)
 
 
 def trial_modules(trial: dict, report: dict | None, k_by: str = "count") -> list[str] | None:
@@ -139,6 +154,30 @@ def measure_trial(model: str, lora: str | None, *, seed: int, num_images: int, s
     return record
 
 
+def ranking_rows(concept: str, main: dict, by_timestep: dict[int, dict], by_samples: dict[int, dict],
+                 reference: dict, ks: list[float], main_k: float) -> list[dict]:
+    """scoring.json's rows for one concept, from jobs/score.py reports (sensitivity.json): each timestep's
+    ranking against `main`'s (the sweep's timestep and samples, seed 0), and each sample count's against
+    `reference` (4x the samples, another seed: no sample in common). Rankings by normalized score (CA-LoRA's);
+    overlap at each k of `ks` (count), `selected` at `main_k`."""
+    rows = []
+    for study, runs, against in (("timestep", by_timestep, main), ("samples", by_samples, reference)):
+        for key in sorted(runs):
+            run = runs[key]
+            if study == "timestep" and run is main:
+                continue
+            rho = spearman(run["scores_normalized"], against["scores_normalized"])
+            rows.append({
+                "concept": concept, "study": study, "timestep": run["timestep"], "samples": run["num_samples"],
+                "seed": run["seed"],
+                "against": {"timestep": against["timestep"], "samples": against["num_samples"], "seed": against["seed"]},
+                "spearman": None if math.isnan(rho) else rho,  # nan: a constant ranking (JSON has no nan)
+                "overlap": {f"{k:g}": top_k_overlap(run["scores_normalized"], against["scores_normalized"], k)
+                            for k in ks},
+                "selected": select_top_k(run["scores_normalized"], main_k)})
+    return rows
+
+
 def lora_param_percent(lora_params: int, unet_params: int) -> float:
     """Trained LoRA parameters as a % of the UNet's (the paper's 'parameter %')."""
     return 100.0 * lora_params / unet_params if unet_params else math.nan
@@ -171,5 +210,5 @@ def finished_trials(directory: str | Path, identity: dict | None = None) -> set[
     return done
 
 
-__all__ = ["CLEAR", "MODES", "UNSEEN_CONDITIONS", "finished_trials", "lora_param_percent",
-           "measure_trial", "trial_grid", "trial_id", "trial_modules", "write_trial"]
+__all__ = ["CLEAR", "MODES", "UNSEEN_CONDITIONS", "finished_trials", "in_table3", "lora_param_percent",
+           "measure_trial", "ranking_rows", "trial_grid", "trial_id", "trial_modules", "write_trial"]

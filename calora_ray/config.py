@@ -819,6 +819,13 @@ class AblateConfig(ModelConfig, DistributedConfig, RayConnectConfig):
     timestep: int = field(default=81, metadata=_help("Scoring timestep (the paper: 81)."))
     score_samples: int = field(default=16, metadata=_help("Samples of each concept's scoring run."))
     score_x0_steps: int = field(default=10, metadata=_help("Sampling steps of the scoring run's x_0."))
+    timesteps: list[int] = field(default_factory=lambda: [1, 81, 201, 481], metadata=_help(
+        "Scoring timesteps of the paper's Table 5: each concept is also scored at these, its ranking compared "
+        "with --timestep's, and CA-LoRA at --main-k trained on each one's selection (one more trial per t, "
+        "concept and seed; --timestep itself adds none).", identity=False))
+    stability_samples: list[int] = field(default_factory=lambda: [4, 8, 16], metadata=_help(
+        "Ranking stability: scoring runs with these numbers of samples are compared with one of 4 x "
+        "--score-samples at another seed (Spearman, top-k overlap); [] in the YAML skips it.", identity=False))
     rank: int = field(default=16, metadata=_help("LoRA rank of every trial."))
     steps: int = field(default=600, metadata=_help("Optimizer steps of every trial (the same budget for all)."))
     batch_size: int = field(default=4, metadata=_help("Images per step."))
@@ -833,6 +840,16 @@ class AblateConfig(ModelConfig, DistributedConfig, RayConnectConfig):
     controlnet: str | None = field(default="models/toy-sd-controlnet", metadata=_help(
         "A segmentation ControlNet of --model for label fidelity (none: not measured)."))
     fidelity_masks: int = field(default=16, metadata=_help("Held-out masks of the label-fidelity samples."))
+    eval_pairs: int = field(default=0, metadata=_help(
+        "Downstream mIoU of Table 3's trials (none, full LoRA, each selection at --main-k): generate this many "
+        "mask-conditioned pairs with the trial's model (jobs/generate.py, --controlnet, clear prompt, the "
+        "training masks) and train the segmenter on the real images alone and with them 1:1 (jobs/evaluate.py). "
+        "0: not measured.", identity=False))
+    eval_iters: int = field(default=1000, metadata=_help(
+        "Segmenter iterations of each downstream run (the same for every trial; one segmenter seed).",
+        identity=False))
+    eval_model_config: str = field(default="toy-fcn-r18-w16", metadata=_help(
+        "The downstream segmenter (jobs/evaluate.py's --model-config).", identity=False))
     max_concurrent_trials: int | None = field(default=None, metadata=_help(
         "Trials at once; default: as many trainers as the cluster holds (GPUs / --num-workers, or CPUs / "
         "the CPUs of one trial).", identity=False))
@@ -850,11 +867,19 @@ class AblateConfig(ModelConfig, DistributedConfig, RayConnectConfig):
         if any(not 0 < k <= 100 for k in [*self.ks, self.main_k]):
             raise ConfigError(f"--ks and --main-k must be in (0, 100], got {self.ks} and {self.main_k}")
         for name in ("num_images", "steps", "batch_size", "rank", "sample_images", "sample_steps",
-                     "reference_images", "score_samples"):
+                     "reference_images", "score_samples", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if any(n < 1 for n in self.stability_samples):
+            raise ConfigError(f"--stability-samples must all be >= 1, got {self.stability_samples}")
+        if any(not 0 <= t < 1000 for t in [*self.timesteps, self.timestep]):
+            raise ConfigError(f"--timesteps and --timestep must be in [0, 1000), got {self.timesteps}, {self.timestep}")
         if isinstance(self.controlnet, str) and self.controlnet.lower() in ("", "none", "null"):
             self.controlnet = None
+        if self.eval_pairs < 0:
+            raise ConfigError(f"--eval-pairs must be >= 0, got {self.eval_pairs}")
+        if self.eval_pairs and self.controlnet is None:
+            raise ConfigError("--eval-pairs needs --controlnet: the downstream pairs are mask-conditioned samples")
         _check_next(self, AblateConfig)
 
 

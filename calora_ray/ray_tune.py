@@ -19,33 +19,79 @@ import json
 import time
 from pathlib import Path
 
-from .ablation import (CONCEPT_FREE, finished_trials, lora_param_percent, measure_trial, trial_grid, trial_modules,
-                       write_trial)
+from .ablation import (CONCEPT_FREE, finished_trials, in_table3, lora_param_percent, measure_trial, ranking_rows,
+                       trial_grid, trial_id, trial_modules, write_trial)
 from .ablation_report import write_report
-from .config import AblateConfig, FinetuneConfig, ScoreConfig, build_config
+from .config import AblateConfig, EvaluateConfig, FinetuneConfig, GenerateConfig, ScoreConfig, build_config
 from .distributed import ensure_ray, resolve_resources
 from .models import load_unet_skeleton
 from .outputs import atomic_write_text, for_workers, run_identity
+from .ray_data import run_generate
 from .ray_train import run_finetune, run_scoring
 
 
 TRIAL_DRIVER_MEMORY = 512 * 2**20  # bytes: the trial function's process (no model in it)
 
 
+def score_run(cfg: AblateConfig, concept: str, timestep: int, samples: int, seed: int) -> dict:
+    """One jobs/score.py run (kept in --work-dir/scores/<concept>-t<t>-n<samples>-s<seed>, reused by reruns
+    made with the same model and scoring settings): its report."""
+    out = Path(cfg.work_dir) / "scores" / f"{concept}-t{timestep}-n{samples}-s{seed}"
+    settings = {"model": cfg.model, "model_seed": cfg.model_seed, "data": cfg.data, "resolution": cfg.resolution,
+                "concept": concept, "timestep": timestep, "num_samples": samples, "x0_steps": cfg.score_x0_steps,
+                "top_k_percent": cfg.main_k, "seed": seed}
+    path = out / "sensitivity.json"
+    if path.is_file():
+        report = json.loads(path.read_text())
+        if all(report.get("config", {}).get(key) == value for key, value in settings.items()):
+            return report
+    run_scoring(build_config(ScoreConfig, {
+        **settings, "output": str(out), "overwrite": True, "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,
+        "cpus_per_worker": cfg.cpus_per_worker, "address": cfg.address,
+        "ray_connect_timeout_s": cfg.ray_connect_timeout_s, "verbose": cfg.verbose}))
+    return json.loads(path.read_text())
+
+
+def report_key(concept: str, timestep: int) -> str:
+    return f"{concept}@t{timestep}"
+
+
+def same_as(trial: dict, grid: list[dict], reports: dict[str, dict], main_timestep: int) -> str | None:
+    """For a trial scored at another timestep (Table 5): the id of the grid's trial at `main_timestep` that
+    tunes the same set of projections (so trains and measures exactly alike), else None."""
+    if trial.get("timestep") is None:
+        return None
+    twin = trial_id(trial["mode"], trial["k"], trial["concept"], trial["seed"])
+    if twin not in {t["trial"] for t in grid}:
+        return None
+    mine = trial_modules(trial, reports[report_key(trial["concept"], trial["timestep"])])
+    theirs = trial_modules(trial, reports[report_key(trial["concept"], main_timestep)])
+    return twin if set(mine) == set(theirs) else None
+
+
 def score_concepts(cfg: AblateConfig, concepts: list[str]) -> dict[str, dict]:
-    """One jobs/score.py run per concept (kept in --work-dir/scores; reused by reruns): its report."""
-    reports = {}
+    """Every scoring run of the sweep; returns the reports the trials select from, by report_key(concept, t),
+    and writes OUTPUT/scoring.json: each timestep's ranking against --timestep's, and (with
+    --stability-samples) each sample count's against a run of 4 x --score-samples at seed 1."""
+    reports, rows = {}, []
+    reference_samples = 4 * cfg.score_samples
     for concept in concepts:
-        out = Path(cfg.work_dir) / "scores" / concept
-        if not (out / "sensitivity.json").is_file():
-            run_scoring(build_config(ScoreConfig, {
-                "model": cfg.model, "model_seed": cfg.model_seed, "data": cfg.data, "resolution": cfg.resolution,
-                "concept": concept, "timestep": cfg.timestep, "num_samples": cfg.score_samples,
-                "x0_steps": cfg.score_x0_steps, "top_k_percent": cfg.main_k, "seed": 0, "output": str(out),
-                "overwrite": True, "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,
-                "cpus_per_worker": cfg.cpus_per_worker, "address": cfg.address,
-                "ray_connect_timeout_s": cfg.ray_connect_timeout_s}))
-        reports[concept] = json.loads((out / "sensitivity.json").read_text())
+        by_timestep = {t: score_run(cfg, concept, t, cfg.score_samples, 0)
+                       for t in sorted({cfg.timestep, *cfg.timesteps})}
+        main = by_timestep[cfg.timestep]
+        reports.update({report_key(concept, t): r for t, r in by_timestep.items()})
+        by_samples, reference = {}, main
+        if cfg.stability_samples:
+            reference = score_run(cfg, concept, cfg.timestep, reference_samples, 1)
+            by_samples = {n: main if n == cfg.score_samples else score_run(cfg, concept, cfg.timestep, n, 0)
+                          for n in sorted(set(cfg.stability_samples))}
+        rows += ranking_rows(concept, main, by_timestep, by_samples, reference, sorted({cfg.main_k, max(cfg.ks)}),
+                             cfg.main_k)
+    study = {"main_timestep": cfg.timestep, "main_samples": cfg.score_samples,
+             "reference": {"samples": reference_samples, "seed": 1, "timestep": cfg.timestep}
+             if cfg.stability_samples else None,
+             "ks": sorted({cfg.main_k, max(cfg.ks)}), "rows": rows}
+    atomic_write_text(Path(cfg.output) / "scoring.json", json.dumps(study, indent=2) + "\n")
     return reports
 
 
@@ -70,7 +116,8 @@ def ablation_trial(config: dict) -> None:
     trial: dict = config["trial"]
     started = time.perf_counter()
     run_dir = Path(cfg.work_dir) / "runs" / trial["trial"]
-    report = None if trial["mode"] in CONCEPT_FREE else config["reports"][trial["concept"]]
+    timestep = cfg.timestep if trial.get("timestep") is None else trial["timestep"]
+    report = None if trial["mode"] in CONCEPT_FREE else config["reports"][report_key(trial["concept"], timestep)]
     modules = trial_modules(trial, report if report is not None else next(iter(config["reports"].values()), None))
     finetune: dict = {}
     lora = None
@@ -92,7 +139,8 @@ def ablation_trial(config: dict) -> None:
         fidelity_masks=cfg.fidelity_masks, model_seed=cfg.model_seed,
         grid_path=str(Path(cfg.output) / "grids" / f"{trial['trial']}.png")))
     lora_params = finetune.get("trainable_params", 0)
-    record = {**trial, "num_modules": len(modules or []), "num_candidates": config["num_candidates"],
+    record = {**trial, "modules": modules or [], "num_modules": len(modules or []),
+              "num_candidates": config["num_candidates"],
               "lora_params": lora_params, "param_percent": lora_param_percent(lora_params, config["unet_params"]),
               "steps": finetune.get("steps"), "final_loss": finetune.get("final_loss"), **metrics,
               "miou_real": None, "miou_real_synth": None, "miou_delta": None,
@@ -115,16 +163,76 @@ def concurrent_trials(cfg: AblateConfig, gpu: bool, cpus_per_worker: int) -> int
     return max(1, int(total.get("CPU", 0)) // (cfg.num_workers * cpus_per_worker))
 
 
+def downstream_miou(cfg: AblateConfig, output: Path) -> list[str]:
+    """Downstream mIoU of Table 3's trials that lack it (`in_table3`): per trial, --eval-pairs pairs generated
+    with its model (jobs/generate.py: --controlnet, the trial's LoRA, the clear prompt, the training masks,
+    the trial's seed) into --work-dir/synthetic/<trial>; then one jobs/evaluate.py run over all of them (the
+    real-only run shared, segmenter seed 0, --eval-iters) in --work-dir/evaluate; each trial record gets
+    miou_real, miou_real_synth and miou_delta. Both jobs resume, so a rerun redoes nothing finished.
+    Returns the trials measured now."""
+    from .evaluation import REAL_SET, set_names  # here: it imports mmsegmentation, the optional seg extra
+    from .ray_eval import run_evaluate  # here: it imports mmsegmentation, the optional seg extra
+
+    paths = sorted((output / "trials").glob("*.json"))
+    trials = {p: json.loads(p.read_text()) for p in paths}
+    todo = {p: t for p, t in trials.items() if in_table3(t, cfg.main_k) and t.get("miou_real_synth") is None}
+    if not todo:
+        return []
+    sets = {}
+    for i, (path, trial) in enumerate(sorted(todo.items(), key=lambda item: item[1]["trial"])):
+        uri = str(Path(cfg.work_dir) / "synthetic" / trial["trial"])
+        lora = None if trial["mode"] == "none" else str(Path(cfg.work_dir) / "runs" / trial["trial"])
+        print(f"ablation: downstream [{i + 1}/{len(todo)}] {trial['trial']}: generating {cfg.eval_pairs} pairs",
+              flush=True)
+        started = time.perf_counter()
+        run_generate(build_config(GenerateConfig, {
+            "model": cfg.model, "model_seed": cfg.model_seed, "lora": lora, "controlnet": cfg.controlnet,
+            "masks": cfg.data, "split": "train", "num_masks": cfg.num_images, "num_samples": cfg.eval_pairs,
+            "seed": trial["seed"], "resolution": cfg.resolution, "steps": cfg.sample_steps, "guidance": cfg.guidance,
+            "conditions": ["clear"], "rows_per_shard": max(1, cfg.eval_pairs), "measure_samples": 0,
+            "output": uri, "address": cfg.address, "ray_connect_timeout_s": cfg.ray_connect_timeout_s,
+            "verbose": cfg.verbose}), progress=False)
+        sets[path] = (uri, time.perf_counter() - started)
+    evaluated = run_evaluate(build_config(EvaluateConfig, {
+        "real": cfg.data, "real_images": cfg.num_images, "val": cfg.data, "synthetic": [u for u, _ in sets.values()],
+        "seeds": 1, "iters": cfg.eval_iters, "model_config": cfg.eval_model_config,
+        "output": str(Path(cfg.work_dir) / "evaluate"), "address": cfg.address,
+        "ray_connect_timeout_s": cfg.ray_connect_timeout_s, "verbose": cfg.verbose}))
+    runs = {row["set"]: row for row in json.loads(Path(evaluated["metrics"]).read_text())["runs"]}
+    miou = {name: row["mIoU"] for name, row in runs.items()}
+    for (path, (uri, generate_s)), name in zip(sets.items(), set_names([u for u, _ in sets.values()])):
+        record = {**todo[path], "miou_real": miou[REAL_SET], "miou_real_synth": miou[name],
+                  "miou_delta": miou[name] - miou[REAL_SET],
+                  "downstream": {"pairs": cfg.eval_pairs, "iters": cfg.eval_iters, "segmenter": cfg.eval_model_config,
+                                 "segmenter_seed": 0, "synthetic": uri, "generate_s": round(generate_s, 1),
+                                 "segmenter_s": round(runs[name].get("wall_time_s", 0.0), 1)}}
+        write_trial(output, record)
+    return [t["trial"] for t in todo.values()]
+
+
+def trial_time(record: dict) -> float:
+    """Seconds a trial took: fine-tuning and measuring, and its downstream generation and segmenter run
+    (the shared real-only segmenter run and the scoring runs are not counted)."""
+    downstream = record.get("downstream") or {}
+    return (record.get("elapsed_s") or 0) + (downstream.get("generate_s") or 0) + (downstream.get("segmenter_s") or 0)
+
+
 def left_out(cfg: AblateConfig) -> list[str]:
     """What this sweep did not measure, for the report to say (issue 14's full design minus this run)."""
-    out = ["Downstream mIoU per trial (jobs/evaluate.py on each trial's generated set) is not part of the sweep "
-           "yet: the miou_* fields are null. docs/evaluation.md has the measured effect of one CA-LoRA set."]
+    out = []
+    if not cfg.eval_pairs:
+        out.append("Downstream mIoU (jobs/evaluate.py on each trial's generated set): --eval-pairs 0, so the "
+                   "miou_* fields are null.")
     if cfg.controlnet is None:
         out.append("Label fidelity: no --controlnet, so no mask-conditioned samples were measured.")
+    if not cfg.stability_samples:
+        out.append("Ranking stability against the number of scoring samples: --stability-samples is empty.")
     full = {"modes": ["none", "all", "normalized", "unnormalized", "random"], "ks": [1.0, 2.0, 3.0, 5.0, 10.0],
-            "concepts": ["style", "viewpoint"], "seeds": [0, 1, 2]}
+            "concepts": ["style", "viewpoint"], "seeds": [0, 1, 2], "timesteps": [1, 81, 201, 481]}
     for name, values in full.items():
         mine = [float(v) if name == "ks" else v for v in getattr(cfg, name)]
+        if name == "timesteps":
+            mine.append(cfg.timestep)
         missing = [v for v in values if v not in mine]
         if missing:
             out.append(f"--{name}: {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in missing)} "
@@ -133,11 +241,12 @@ def left_out(cfg: AblateConfig) -> list[str]:
 
 
 def run_ablation(cfg: AblateConfig, *, command: str, machine: str) -> Path:
-    """jobs/ablate.py: score each concept once, run the missing trials with Ray Tune, write the report.
-    Returns the report's path."""
+    """jobs/ablate.py: score each concept (every timestep, the stability runs), run the missing trials with
+    Ray Tune, measure the downstream mIoU of Table 3's trials (--eval-pairs), write the report. Returns the
+    report's path."""
     from ray import tune  # delayed: importing Ray takes seconds
 
-    grid = trial_grid(cfg.modes, cfg.ks, cfg.main_k, cfg.concepts, cfg.seeds)
+    grid = trial_grid(cfg.modes, cfg.ks, cfg.main_k, cfg.concepts, cfg.seeds, cfg.timesteps, cfg.timestep)
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / "grid.json", json.dumps([t["trial"] for t in grid], indent=2) + "\n")
@@ -148,10 +257,13 @@ def run_ablation(cfg: AblateConfig, *, command: str, machine: str) -> Path:
     cfg = for_workers(cfg, outputs=("output", "work_dir"), inputs=("model", "data", "controlnet"))
     print(f"ablation: {len(grid)} trials, {len(grid) - len(remaining)} finished before, {len(remaining)} to run",
           flush=True)
+    reports = score_concepts(cfg, cfg.concepts)  # reruns reuse the scoring runs of --work-dir
+    # a Table 5 trial whose timestep selects the projections the sweep's timestep selected would train and
+    # measure exactly the trial at --timestep (same data, seed, modules): its record is that trial's
+    copies = {t["trial"]: same for t in remaining if (same := same_as(t, grid, reports, cfg.timestep))}
+    remaining = [t for t in remaining if t["trial"] not in copies]
     if remaining:
         ensure_ray(cfg.address, cfg.ray_connect_timeout_s, verbose=cfg.verbose)
-        concepts = sorted({t["concept"] for t in remaining if t["concept"] is not None})
-        reports = score_concepts(cfg, concepts or cfg.concepts[:1])  # `all` takes the candidate list of one
         unet = load_unet_skeleton(cfg.model, cfg.model_seed)
         resources = resolve_resources(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker, cfg.resource_wait_s)
         tuner = tune.Tuner(
@@ -170,7 +282,15 @@ def run_ablation(cfg: AblateConfig, *, command: str, machine: str) -> Path:
         failed = [r for r in results if r.error is not None]
         if failed:
             raise failed[0].error
+    for trial_name, same in copies.items():
+        twin = json.loads((output / "trials" / f"{same}.json").read_text())
+        trial = next(t for t in grid if t["trial"] == trial_name)
+        modules = trial_modules(trial, reports[report_key(trial["concept"], trial["timestep"])])
+        write_trial(output, {**twin, **trial, "modules": modules, "same_as": same, "elapsed_s": 0.0,
+                             **{k: None for k in ("miou_real", "miou_real_synth", "miou_delta", "downstream")}})
+    if cfg.eval_pairs:
+        downstream_miou(cfg, output)
     trials = [json.loads(p.read_text()) for p in sorted((output / "trials").glob("*.json"))]
     return write_report(output, title=f"Ablation: which projections to tune ({cfg.model})", command=command,
-                        machine=machine, run_time_s=sum(t.get("elapsed_s") or 0 for t in trials),
-                        left_out=left_out(cfg), k=cfg.main_k)
+                        machine=machine, run_time_s=sum(trial_time(t) for t in trials),
+                        left_out=left_out(cfg), k=cfg.main_k, timestep=cfg.timestep)

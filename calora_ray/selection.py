@@ -66,3 +66,37 @@ def select_modules(mode: str, normalized_scores: dict[str, float], unnormalized_
     if mode == "all":
         return list(normalized_scores)
     raise ValueError(f"unknown selection mode {mode!r}; one of {', '.join(SELECTION_MODES)}")
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks 0..n-1 of `values`, ties sharing their mean rank (as Spearman's rho needs)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            ranks[i] = (start + end) / 2
+        start = end + 1
+    return ranks
+
+
+def spearman(a: dict[str, float], b: dict[str, float]) -> float:
+    """Spearman's rank correlation of two score dicts over the same modules (nan if one is constant):
+    how alike two scoring runs rank the projections."""
+    if set(a) != set(b):
+        raise ValueError(f"the two rankings score different modules ({len(set(a) ^ set(b))} differ)")
+    names = sorted(a)
+    ra, rb = _ranks([a[n] for n in names]), _ranks([b[n] for n in names])
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var else math.nan
+
+
+def top_k_overlap(a: dict[str, float], b: dict[str, float], top_k_percent: float) -> float:
+    """|top-k of a ∩ top-k of b| / k (k by count): the share of one run's selection the other selects too."""
+    first, second = select_top_k(a, top_k_percent), select_top_k(b, top_k_percent)
+    return len(set(first) & set(second)) / len(first)

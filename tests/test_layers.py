@@ -21,6 +21,10 @@ LAYERS = [
 # Delayed (function-local) imports are allowed only for these heavy optional libraries, and each
 # carries a comment on its line saying why.
 DELAYED_OK = ("ray", "fastapi", "starlette", "mmseg", "mmengine", "mmcv", "tensorboardX")
+# The project's modules that import mmsegmentation (the optional seg extra) when imported: another module
+# may import them inside the function that needs them, with the reason on the line, so that it keeps
+# working without the extra.
+OPTIONAL_OWN = ("calora_ray.evaluation", "calora_ray.ray_eval")
 
 
 def modules() -> dict[str, Path]:
@@ -106,10 +110,10 @@ def test_no_import_cycle():
 def test_own_imports_at_the_top_and_delayed_imports_say_why():
     local, unexplained = [], []
     for module, path in modules().items():
-        for target, line, top in own_imports(module, path):
-            if not top:
-                local.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {target}")
         lines = path.read_text().splitlines()
+        for target, line, top in own_imports(module, path):
+            if not top and not (target in OPTIONAL_OWN and "#" in lines[line - 1]):
+                local.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {target}")
         tree = ast.parse(path.read_text())
         top = {id(node) for node in tree.body}
         for node in ast.walk(tree):
