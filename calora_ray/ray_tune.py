@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def score_concepts(cfg: AblateConfig, concepts: list[str]) -> dict[str, dict]:
         if cfg.stability_samples:
             reference = score_run(cfg, concept, cfg.timestep, reference_samples, 1)
             by_samples = {n: main if n == cfg.score_samples else score_run(cfg, concept, cfg.timestep, n, 0)
-                          for n in sorted(set(cfg.stability_samples))}
+                          for n in sorted({*cfg.stability_samples, cfg.score_samples})}
         rows += ranking_rows(concept, main, by_timestep, by_samples, reference, sorted({cfg.main_k, max(cfg.ks)}),
                              cfg.main_k)
     study = {"main_timestep": cfg.timestep, "main_samples": cfg.score_samples,
@@ -286,6 +287,9 @@ def run_ablation(cfg: AblateConfig, *, command: str, machine: str) -> Path:
         twin = json.loads((output / "trials" / f"{same}.json").read_text())
         trial = next(t for t in grid if t["trial"] == trial_name)
         modules = trial_modules(trial, reports[report_key(trial["concept"], trial["timestep"])])
+        grid_png = output / "grids" / f"{same}.png"
+        if grid_png.is_file():
+            shutil.copyfile(grid_png, output / "grids" / f"{trial_name}.png")  # the same samples
         write_trial(output, {**twin, **trial, "modules": modules, "same_as": same, "elapsed_s": 0.0,
                              **{k: None for k in ("miou_real", "miou_real_synth", "miou_delta", "downstream")}})
     if cfg.eval_pairs:
