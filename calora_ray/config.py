@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from .data.labels import CONTROL_PALETTES
 from .errors import UserError
 from .selection import ABLATION_MODES, SELECTION_MODES
 
@@ -33,7 +34,9 @@ class ConfigError(UserError, ValueError):
 def _help(text: str, **extra) -> dict:
     """Field metadata: the flag's help text; cli=False: YAML only; hidden=True: a test hook, not
     in --help; internal=True: set by the code, neither a flag nor a YAML key; identity=False: a
-    knob a rerun may change and still resume the same run (outputs.run_identity)."""
+    knob a rerun may change and still resume the same run (outputs.run_identity);
+    identity="unless-default": part of a run's identity only when not its default (an option added
+    later, so the runs made before it still resume)."""
     return {"help": text, **extra}
 
 
@@ -125,6 +128,25 @@ class RayConnectConfig:
         if not self.ray_connect_timeout_s > 0:
             raise ConfigError(f"--ray-connect-timeout-s must be > 0, got {self.ray_connect_timeout_s}")
         _check_next(self, RayConnectConfig)
+
+
+@dataclass
+class ControlPaletteConfig:
+    """The colours of a segmentation ControlNet's conditioning image (train_controlnet, generate, serve)."""
+
+    control_palette: str = field(default="cityscapes", metadata=_help(
+        "Colours of the ControlNet's conditioning image, the label map drawn as a colour image (the labels "
+        "themselves stay Cityscapes train ids): 'cityscapes' for the ControlNets jobs/train_controlnet.py "
+        "makes; 'ade20k' for a public SD-1.5 segmentation ControlNet such as lllyasviel/control_v11p_sd15_seg, "
+        "trained on ADE20K's palette: each train id in the colour of its nearest ADE20K class "
+        "(docs/public-controlnets.md has the table). train_controlnet: the palette the new ControlNet learns, "
+        "recorded in its controlnet.json; generate / serve: the palette the --controlnet was trained on (a "
+        "ControlNet whose controlnet.json records another one is refused).",
+        choices=CONTROL_PALETTES, identity="unless-default"))
+
+    def __post_init__(self):
+        check_choice("control_palette", self.control_palette, CONTROL_PALETTES)
+        _check_next(self, ControlPaletteConfig)
 
 
 DATA_HELP = _help(
@@ -479,7 +501,8 @@ class MeasureConfig:
 
 
 @dataclass
-class ControlNetConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfig, RayConnectConfig):
+class ControlNetConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfig, ControlPaletteConfig,
+                       RayConnectConfig):
     """jobs/train_controlnet.py: a segmentation ControlNet (conditioning: the colour-coded label map)
     trained on target (image, label) pairs on top of the base UNet with the CA-LoRA adapter applied."""
 
@@ -515,7 +538,7 @@ class ControlNetConfig(ModelConfig, DataConfig, DistributedConfig, TrainingConfi
 
 
 @dataclass
-class GenerateConfig(ModelConfig, RayConnectConfig):
+class GenerateConfig(ModelConfig, ControlPaletteConfig, RayConnectConfig):
     """jobs/generate.py: label maps -> a synthetic segmentation dataset in Parquet shards (Ray Data)."""
 
     lora: str | None = field(default=None, metadata=_help(
@@ -656,7 +679,7 @@ class Limits:
 
 
 @dataclass
-class ServeConfig(ModelConfig, Limits, RayConnectConfig):
+class ServeConfig(ModelConfig, Limits, ControlPaletteConfig, RayConnectConfig):
     """jobs/serve.py: the generator behind an HTTP endpoint (Ray Serve, FastAPI; OpenAPI at /docs)."""
 
     lora: str | None = field(default=None, metadata=_help(

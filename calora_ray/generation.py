@@ -32,8 +32,8 @@ from PIL import Image
 from .cli import quiet_libraries
 from .concepts import join_class_names
 from .config import GenerateConfig
-from .controlnet import control_image, controlnet_sha256, load_controlnet, vae_factor_of
-from .data.labels import NUM_CLASSES, MaskError, class_names_present
+from .controlnet import check_control_palette, control_image, controlnet_sha256, load_controlnet, vae_factor_of
+from .data.labels import NUM_CLASSES, MaskError, class_names_present, palette_colors
 from .data.png import encode_png
 from .datasets import open_dataset
 from .errors import UserValueError
@@ -157,9 +157,12 @@ class MaskGenerator:
       model       --model of every job: 'tiny', 'toy-sd', a diffusers directory or a hub id.
       lora        a directory with pytorch_lora_weights.safetensors (jobs/finetune.py), or None.
       controlnet  a ControlNetModel directory (jobs/train_controlnet.py, or any diffusers
-                  segmentation ControlNet whose conditioning is the Cityscapes palette), or None:
-                  then the images follow only the prompt and the label is NOT their label (for
-                  looking at a model; the dataset job always passes one).
+                  segmentation ControlNet), or None: then the images follow only the prompt and
+                  the label is NOT their label (for looking at a model; the dataset job always
+                  passes one).
+      control_palette  the colours the ControlNet was trained on: 'cityscapes' (jobs/train_controlnet.py's
+                  default) or 'ade20k' (public ones such as lllyasviel/control_v11p_sd15_seg); a
+                  ControlNet whose controlnet.json records another palette is refused.
       device      torch device; default CUDA when available, else CPU.
       dtype       weights' dtype; default float32 (pass torch.float16 / bfloat16 on a GPU).
       model_seed  the seed of the 'tiny' presets' random weights.
@@ -182,7 +185,10 @@ class MaskGenerator:
 
     def __init__(self, model: str, lora: str | None = None, controlnet: str | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 model_seed: int = 0):
+                 model_seed: int = 0, control_palette: str = "cityscapes"):
+        palette_colors(control_palette)  # an unknown palette fails here, not at the first image
+        if controlnet is not None:  # before the model loads: a wrong palette costs nothing
+            check_control_palette(controlnet, control_palette)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or torch.float32
         components = load_components(model, model_seed)
@@ -195,6 +201,7 @@ class MaskGenerator:
         self.model = model
         self.lora_sha256 = "" if lora is None else load_lora(components, lora)  # patches the shared UNet in place
         self.controlnet = None
+        self.control_palette = control_palette
         if controlnet is not None:
             self.controlnet = load_controlnet(controlnet).to(self.device, cast).eval()
         self.pipe = self._pipeline()
@@ -232,7 +239,8 @@ class MaskGenerator:
         kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                       generator=generators, output_type="np")
         if self.controlnet is not None:
-            kwargs.update(image=[control_image(np.asarray(label, dtype=np.uint8)) for label in labels],
+            kwargs.update(image=[control_image(np.asarray(label, dtype=np.uint8), self.control_palette)
+                                 for label in labels],
                           controlnet_conditioning_scale=conditioning_scale)
         images = self.pipe(list(prompts), **kwargs).images  # (B, H, W, 3) floats in [0, 1]
         bad = [i for i, img in enumerate(images) if not np.isfinite(img).all()]
@@ -260,6 +268,7 @@ def check_generate_inputs(cfg: GenerateConfig) -> dict:
                                  "it; use a path, file:// or an object store (s3://, gs://, ...)")
     lora_sha = "" if cfg.lora is None else file_sha256(lora_file(cfg.lora))
     cn_sha = controlnet_sha256(cfg.controlnet)
+    check_control_palette(cfg.controlnet, cfg.control_palette)
     factor = vae_factor_of(cfg.controlnet)
     resolution = cfg.resolution or load_unet_skeleton(cfg.model, cfg.model_seed).config.sample_size * factor
     if resolution % (factor * 8):
@@ -289,7 +298,7 @@ class ShardGenerator:
         self.cfg, self.masks, self.resolution = cfg, list(masks), resolution
         self.generator = MaskGenerator(cfg.model, lora=cfg.lora, controlnet=cfg.controlnet, device=device,
                                        dtype=resolve_dtype(cfg.mixed_precision, device),
-                                       model_seed=cfg.model_seed)
+                                       model_seed=cfg.model_seed, control_palette=cfg.control_palette)
         self.reader = MaskReader()
         self.bad: dict[int, str] = {}  # mask index -> why it is unusable (this actor's knowledge)
         self.store = ShardStore(cfg.output)

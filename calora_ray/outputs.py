@@ -94,9 +94,15 @@ def for_workers(cfg, outputs: tuple[str, ...] = ("output",), inputs: tuple[str, 
 def run_identity(cfg, **extra) -> dict:
     """What defines a run of a job config: every option except the knobs a rerun may change and
     still continue the same run (declared once, on the field: `identity=False` in config.py), plus
-    `extra` facts the options do not show (the selected modules, an adapter's sha256, ...).
-    JSON-normalised, so a record read back compares equal."""
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("identity", True)}
+    `extra` facts the options do not show (the selected modules, an adapter's sha256, ...). An option
+    declared `identity="unless-default"` (one added after runs were made) counts only when it is not
+    its default, so a run recorded before it existed still resumes. JSON-normalised, so a record read
+    back compares equal."""
+    def counts(f) -> bool:
+        rule = f.metadata.get("identity", True)
+        return rule is True or (rule == "unless-default" and getattr(cfg, f.name) != f.default)
+
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if counts(f)}
     return json.loads(json.dumps(values | extra, default=str))
 
 

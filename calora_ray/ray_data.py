@@ -181,6 +181,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict:
         "skipped": skipped,  # the bad masks the samples met (each moved to the next usable mask)
         "lora_sha256": checked["lora_sha256"],
         "controlnet_sha256": checked["controlnet_sha256"],
+        "control_palette": cfg.control_palette,  # the colours the ControlNet saw (the labels are train ids)
         "example_prompt": example_prompt,
         "this_run": {"generated_samples": new_samples, "generated_shards": len(pending),
                      "resumed_shards": len(records) - len(pending), "elapsed_s": round(elapsed, 3),

@@ -159,7 +159,7 @@ def controlnet_worker(config: dict) -> None:
     run_worker(cfg, lambda components: controlnet_task(
         components, lora=cfg.lora, caption=cfg.caption, caption_with_classes=cfg.caption_with_classes,
         seed=cfg.seed, timesteps=cfg.timesteps, proportion_empty_prompts=cfg.proportion_empty_prompts,
-        gradient_checkpointing=cfg.gradient_checkpointing))
+        gradient_checkpointing=cfg.gradient_checkpointing, control_palette=cfg.control_palette))
 
 
 def run_train_controlnet(cfg: ControlNetConfig) -> Path:

@@ -53,8 +53,8 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from .config import Limits, ServeConfig, build_config, from_text, load_yaml
-from .controlnet import controlnet_dir, controlnet_sha256
-from .data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE, LabelError, validate_label
+from .controlnet import check_control_palette, controlnet_sha256
+from .data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE, LabelError, palette_colors, validate_label
 from .data.png import encode_png
 from .distributed import ensure_ray
 from .errors import UserError, UserValueError
@@ -135,7 +135,8 @@ def request_model(limits: Limits):
             "Base64 PNG, mode L (or P), whose pixel values are Cityscapes train ids 0..18 (255 = ignore); "
             f"the image is generated at its size, {side}. Exactly one of `mask` and `colormask`."))),
         colormask=(png(COLORMASK_FORMAT) | None, Field(None, description=(
-            "Base64 PNG, mode RGB (or P), coloured with the Cityscapes palette (GET /v1/info; black = ignore), "
+            "Base64 PNG, mode RGB (or P), coloured with the Cityscapes palette (GET /v1/info `classes`; black = "
+            "ignore), whatever palette the server's ControlNet takes (`control_palette`), "
             f"{side}. Exactly one of `mask` and `colormask`."))),
         prompt=(str | None, Field(None, max_length=limits.max_prompt_chars, description=(
             "The prompt as is; without it, the paper's prompt for the mask's classes under `condition`. "
@@ -471,10 +472,15 @@ def build_api(run, info, limits: Limits):
     return app
 
 
-def class_table() -> dict:
-    """The class set a mask may use: names by train id, palette colours, the ignore id."""
-    return {"classes": [{"id": i, "name": n, "color": PALETTE[i].tolist()} for i, n in enumerate(CLASS_NAMES)],
-            "ignore": {"id": IGNORE_INDEX, "color": [0, 0, 0]}, "conditions": list(CONDITIONS)}
+def class_table(control_palette: str = "cityscapes") -> dict:
+    """The class set a mask may use: names by train id, their Cityscapes palette colours (what a
+    `colormask` uses), the ignore id; and the palette the ControlNet's conditioning image is drawn in,
+    with each class's colour there (`control_color`)."""
+    control = palette_colors(control_palette)
+    return {"classes": [{"id": i, "name": n, "color": PALETTE[i].tolist(), "control_color": control[i].tolist()}
+                        for i, n in enumerate(CLASS_NAMES)],
+            "ignore": {"id": IGNORE_INDEX, "color": [0, 0, 0]}, "conditions": list(CONDITIONS),
+            "control_palette": control_palette}
 
 
 # ----------------------------------------------------------------------------- the Serve deployment
@@ -497,7 +503,7 @@ class SegmentationSampler:
         device = torch.device("cuda" if gpu else "cpu")
         self.generator = MaskGenerator(cfg.model, lora=cfg.lora, controlnet=cfg.controlnet,
                                        device=device, dtype=resolve_dtype(cfg.mixed_precision, device),
-                                       model_seed=cfg.model_seed)
+                                       model_seed=cfg.model_seed, control_palette=cfg.control_palette)
         factor = self.generator.components.vae_scale_factor * 8
         max_side = cfg.max_side // factor * factor
         if max_side < factor:
@@ -511,7 +517,7 @@ class SegmentationSampler:
             "lora": cfg.lora, "lora_sha256": self.generator.lora_sha256,
             "controlnet": cfg.controlnet, "controlnet_sha256": controlnet_sha256(cfg.controlnet),
             "device": str(device), "dtype": str(self.generator.dtype).removeprefix("torch."),
-            "native_resolution": self.generator.native_resolution, **class_table(),
+            "native_resolution": self.generator.native_resolution, **class_table(cfg.control_palette),
             "limits": limits_dict(self.limits)}
         self.reconfigure({"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s})
 
@@ -558,7 +564,7 @@ def check_serve_inputs(cfg: ServeConfig) -> None:
     if cfg.controlnet is None:
         raise UserValueError("--controlnet is required: the segmentation ControlNet (jobs/train_controlnet.py output) "
                              "makes the mask the image's label")
-    controlnet_dir(cfg.controlnet)
+    check_control_palette(cfg.controlnet, cfg.control_palette)  # checks the directory too
     if cfg.lora is not None:
         lora_file(cfg.lora)
 

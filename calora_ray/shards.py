@@ -347,9 +347,17 @@ def measures_section(measures: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+PALETTE_TEXT = {  # the card's words for each --control-palette
+    "cityscapes": "each train id in its Cityscapes colour",
+    "ade20k": "each train id in the colour of its nearest ADE20K class, as public segmentation ControlNets "
+              "take it; calora_ray's docs/public-controlnets.md has the table",
+}
+
+
 def dataset_card(manifest: dict, measures: dict | None = None) -> str:
     """README.md of a generated dataset: what it is, how it was made, its format, how to read it."""
     cfg, stats = manifest["config"], manifest["stats"]
+    palette = manifest.get("control_palette", "cityscapes")  # a manifest written before the option: cityscapes
     conditions = ", ".join(f"{c} {n}" for c, n in stats["conditions"].items())
     total_pixels = max(1, sum(stats["class_pixels"].values()))
     classes = "\n".join(f"| {name} | {100 * n / total_pixels:.2f} % |" for name, n in stats["class_pixels"].items() if n)
@@ -363,7 +371,8 @@ ids) was turned into an image by a segmentation ControlNet on the base model wit
 adapter, so the label is the image's label by construction.
 
 - base model: `{cfg['model']}`; LoRA sha256: `{manifest['lora_sha256'] or 'none'}`
-- ControlNet: `{cfg['controlnet']}` (sha256 `{manifest['controlnet_sha256']}`)
+- ControlNet: `{cfg['controlnet']}` (sha256 `{manifest['controlnet_sha256']}`); conditioning palette
+  `{palette}`: {PALETTE_TEXT.get(palette, palette)} (the `label` column holds train ids either way)
 - masks: `{cfg['masks']}` (split `{cfg['split']}`): {manifest['num_masks']} listed,
   {len(manifest['skipped'])} found unusable by the samples that drew them (each such sample used the
   next usable mask); layout augmentation: flip

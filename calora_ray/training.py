@@ -43,7 +43,8 @@ from . import __version__
 from .collectives import all_reduce_gradients, all_reduce_sum, rank_and_world
 from .concepts import join_class_names
 from .config import ControlNetConfig, DataConfig, FinetuneConfig, TrainingConfig, to_dict
-from .controlnet import CONTROLNET_FILES, conditioning_channels, control_tensor, controlnet_sha256, save_controlnet
+from .controlnet import (CONTROLNET_FILES, RECORD_NAME, conditioning_channels, control_tensor, controlnet_sha256,
+                         save_controlnet)
 from .data.labels import class_names_present
 from .datasets import open_dataset
 from .errors import UserError, UserValueError
@@ -151,11 +152,12 @@ def lora_task(components: Components, modules: list[str], rank: int, alpha: floa
 
 def controlnet_task(components: Components, *, lora: str | None = None, caption: str | None,
                     caption_with_classes: bool = True, seed: int = 0, timesteps: str = "cubic",
-                    proportion_empty_prompts: float = 0.0, gradient_checkpointing: bool = False) -> TrainingTask:
+                    proportion_empty_prompts: float = 0.0, gradient_checkpointing: bool = False,
+                    control_palette: str = "cityscapes") -> TrainingTask:
     """A segmentation ControlNet, initialised from the base UNet (diffusers' ControlNetModel.from_unet),
     trained with L_diff to steer the frozen UNet — with the CA-LoRA adapter `lora` applied — from
-    the colour-coded label map (calora_ray.controlnet.control_tensor: the Cityscapes palette, at the
-    label's own size: never interpolated).
+    the colour-coded label map (calora_ray.controlnet.control_tensor: the `control_palette` colours,
+    'cityscapes' or 'ade20k', at the label's own size: never interpolated).
     timesteps: "cubic" (default) draws most training steps at high noise, where the layout of a
     sample is decided; "uniform" as in the original ControlNet recipe (losses.sample_timesteps).
     proportion_empty_prompts: train this share of the pairs with the empty prompt (the ControlNet
@@ -189,7 +191,7 @@ def controlnet_task(components: Components, *, lora: str | None = None, caption:
             cache[p] = encode_prompts(components, [p], size, size)
         cond = _stack_cond([cache[p] for p in prompts])
         latents = encode_images(components, np.stack([it["image"] for it in items]), generator)
-        control_image = control_tensor(labels, unet.device)
+        control_image = control_tensor(labels, unet.device, control_palette)
 
         def control(noisy, t):
             down, mid = controlnet(noisy.float(), t, encoder_hidden_states=cond["encoder_hidden_states"].float(),
@@ -619,11 +621,12 @@ def write_controlnet_outputs(cfg: ControlNetConfig, checkpoint: Path, state: dic
     history = state["history"]
     write_loss_files(output, history, f"ControlNet on {cfg.model}" + (" + LoRA" if cfg.lora else "")
                      + f", data {cfg.data}")
-    atomic_write_text(output / "controlnet.json", json.dumps({
+    atomic_write_text(output / RECORD_NAME, json.dumps({
         "controlnet": CONTROLNET_FILES[1],
         "controlnet_sha256": controlnet_sha256(output, "--output"),
-        "conditioning": "Cityscapes palette colours of the train-id label map (calora_ray.data.labels.colorize), "
-                        "values / 255, at the label's size",
+        "control_palette": cfg.control_palette,  # what generate and serve check their --control-palette against
+        "conditioning": f"{cfg.control_palette} palette colours of the train-id label map "
+                        "(calora_ray.data.labels.colorize), values / 255, at the label's size",
         "model": cfg.model,
         "lora": cfg.lora,
         "lora_sha256": lora_sha,

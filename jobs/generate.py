@@ -3,6 +3,8 @@
     python jobs/generate.py --model toy-sd --lora outputs/finetune --controlnet outputs/controlnet \
         --masks toy --num-samples 1000 --output outputs/generated
     ray job submit --working-dir . -- python jobs/generate.py ... --output s3://bucket/generated
+    python jobs/generate.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --controlnet models/control_v11p_sd15_seg --control-palette ade20k ...   # docs/public-controlnets.md
 
 Writes OUTPUT/data/shard-*.parquet (--rows-per-shard rows each), manifest.json, README.md (the
 dataset card) and preview.png. Running the same command again after a crash resumes: completed

@@ -94,3 +94,22 @@ def test_one_yaml_for_every_job(tmp_path):
     f.write_text("rows_per_shrd: 7\n")
     with pytest.raises(ConfigError, match="unknown key 'rows_per_shrd'"):
         load_yaml(f, GenerateConfig, "generate")
+
+
+def test_control_palette_is_a_checked_choice_of_the_three_controlnet_jobs(capsys):
+    from calora_ray.config import ControlNetConfig, GenerateConfig, ServeConfig
+    from calora_ray.outputs import run_identity
+
+    for cls, job in ((GenerateConfig, "generate"), (ServeConfig, "serve"), (ControlNetConfig, "train_controlnet")):
+        assert cls().control_palette == "cityscapes"
+        assert parse_config(cls, ["--control-palette", "ade20k"], job).control_palette == "ade20k"
+        with pytest.raises(ConfigError, match="--control-palette: 'coco' is not one of cityscapes, ade20k"):
+            build_config(cls, {"control_palette": "coco"})
+        with pytest.raises(SystemExit):
+            parse_config(cls, ["--control-palette", "coco"], job)
+        with pytest.raises(SystemExit):
+            parse_config(cls, ["--help"], job)
+        assert "lllyasviel/control_v11p_sd15_seg" in capsys.readouterr().out
+    # part of a run's identity only when not the default: runs recorded before the option still resume
+    assert "control_palette" not in run_identity(GenerateConfig())
+    assert run_identity(GenerateConfig(control_palette="ade20k"))["control_palette"] == "ade20k"

@@ -329,6 +329,7 @@ def test_end_to_end_shards_read_back(first_run, local_ray):
         assert hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
     card = (out / "README.md").read_text()
     assert "10 samples" in card and "| label | binary |" in card
+    assert manifest["control_palette"] == "cityscapes" and "conditioning palette\n  `cityscapes`: each train id" in card
     # measured with the toy-world probe (tiny's images are noise, so only the plumbing is checked here)
     measures = manifest["measures"]
     assert measures["rows_measured"] == N and 0 <= measures["label_fidelity_miou"] <= 1
@@ -365,6 +366,24 @@ def test_rerun_of_a_finished_run_generates_nothing(first_run, controlnet_dir):
     assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == before
     with pytest.raises(ValueError, match="different configuration \\(seed differ"):
         run_generate(generate_cfg(controlnet_dir, out, seed=1), progress=False)
+
+
+def test_an_ade20k_palette_run_records_the_palette_in_its_manifest_and_card(local_ray, controlnet_dir, tmp_path):
+    """--control-palette ade20k (a public ControlNet's colours): manifest.json and the dataset card name the
+    palette, the labels stay train ids, and the same output is not resumed with another palette."""
+    out = tmp_path / "ade20k"
+    values = dict(num_samples=2, rows_per_shard=2, preview_samples=2, measure_samples=0)
+    run_generate(generate_cfg(controlnet_dir, out, control_palette="ade20k", **values), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["control_palette"] == "ade20k" and manifest["config"]["control_palette"] == "ade20k"
+    card = (out / "README.md").read_text()
+    assert "conditioning palette\n  `ade20k`: each train id in the colour of its nearest ADE20K class" in card
+    pngs = read_table(str(out), ["label"]).column("label").to_pylist()
+    labels = [np.asarray(Image.open(io.BytesIO(png))) for png in pngs]
+    assert all(set(np.unique(label)) <= set(range(NUM_CLASSES)) | {255} for label in labels)
+    assert json.loads((out / "run_config.json").read_text())["control_palette"] == "ade20k"
+    with pytest.raises(ValueError, match="different configuration \\(control_palette differ"):
+        run_generate(generate_cfg(controlnet_dir, out, **values), progress=False)
 
 
 def test_crash_midway_then_rerun_gives_exactly_n_identical_samples(first_run, controlnet_dir, tmp_path):

@@ -251,6 +251,25 @@ def test_cluster_yaml_is_a_valid_serve_config_and_build_app_takes_its_args(tmp_p
         build_app({"controlnet": str(tmp_path / "missing")})
 
 
+def test_serve_control_palette_is_checked_against_the_controlnets_record_and_stated_in_info(controlnet_dir, tmp_path):
+    import shutil
+
+    from calora_ray.data.labels import ADE20K_PALETTE
+    from calora_ray.errors import UserError
+    from calora_ray.serve import check_serve_inputs, class_table
+
+    cn = tmp_path / "cn"
+    shutil.copytree(controlnet_dir, cn)
+    (cn / "controlnet.json").write_text(json.dumps({"control_palette": "cityscapes"}))
+    check_serve_inputs(build_config(ServeConfig, {"controlnet": str(cn)}))
+    with pytest.raises(UserError, match="trained on the cityscapes palette .* but --control-palette is ade20k"):
+        check_serve_inputs(build_config(ServeConfig, {"controlnet": str(cn), "control_palette": "ade20k"}))
+    table = class_table("ade20k")  # what /v1/info says: colormask colours stay Cityscapes', the conditioning ADE20K's
+    assert table["control_palette"] == "ade20k"
+    assert table["classes"][13]["color"] == PALETTE[13].tolist()
+    assert table["classes"][13]["control_color"] == ADE20K_PALETTE[13].tolist() == [0, 102, 200]
+
+
 # ----------------------------------------------------------------------------- the Serve app over HTTP
 
 
@@ -323,6 +342,7 @@ def test_docs_healthz_and_info(server):
     assert info["model"] == "tiny" and info["lora_sha256"] == "" and len(info["controlnet_sha256"]) == 64
     assert [c["name"] for c in info["classes"]][:3] == ["road", "sidewalk", "building"]
     assert info["classes"][13]["color"] == PALETTE[13].tolist() and info["ignore"]["id"] == 255
+    assert info["control_palette"] == "cityscapes" and info["classes"][13]["control_color"] == PALETTE[13].tolist()
     assert info["limits"]["max_side"] == 64 and info["limits"]["side_multiple"] == 32
     assert info["limits"]["max_num_images"] == 2 and info["batching"]["max_batch_size"] == 4
 
@@ -453,3 +473,36 @@ def test_concurrent_clients_are_all_answered_in_batches_never_mixing_steps(serve
     assert after["requests"] - before["requests"] == 24
     assert after["max_batch_size_seen"] > 1, json.dumps(after)
     assert after["max_batch_size_seen"] <= 4
+
+
+def test_an_ade20k_palette_app_conditions_on_ade20k_colours_and_still_takes_cityscapes_colormasks(server,
+                                                                                                   controlnet_dir):
+    """A second app with --control-palette ade20k: /v1/info states it; a mask gives the image the in-process
+    generator gives with the ADE20K palette (not the Cityscapes one), and a colormask in the Cityscapes colours
+    of the API the same image."""
+    from ray import serve
+
+    from calora_ray.generation import MaskGenerator
+    from calora_ray.serve import application
+
+    cfg = build_config(ServeConfig, {"model": "tiny", "controlnet": str(controlnet_dir), "control_palette": "ade20k",
+                                     "batch_wait_timeout_s": 0.0, "threads": 1, **LIMITS})
+    serve.run(application(cfg), name="ade20k", route_prefix="/ade20k")
+    try:
+        info = requests.get(f"{URL}/ade20k/v1/info", timeout=30).json()
+        assert info["control_palette"] == "ade20k" and info["classes"][13]["control_color"] == [0, 102, 200]
+        label = toy_label(32, 64)
+        body = {"mask": png_b64(label), "seed": 11, "num_inference_steps": 2}
+        r = requests.post(f"{URL}/ade20k/v1/generate", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+        prompt = r.json()["prompt"]
+        ade = MaskGenerator("tiny", controlnet=str(controlnet_dir), control_palette="ade20k")
+        assert np.array_equal(image, ade.generate([label], [prompt], [11], steps=2)[0])
+        cityscapes = MaskGenerator("tiny", controlnet=str(controlnet_dir)).generate([label], [prompt], [11], steps=2)[0]
+        assert not np.array_equal(image, cityscapes)
+        colored = requests.post(f"{URL}/ade20k/v1/generate", json={**body, "mask": None,
+                                                                    "colormask": png_b64(colorize(label))}, timeout=120)
+        assert colored.json()["images"] == r.json()["images"]
+    finally:
+        serve.delete("ade20k")

@@ -1,14 +1,20 @@
-"""Cityscapes label conventions: train ids, palette, labelIds → trainIds, label checks.
+"""Cityscapes label conventions: train ids, palettes, labelIds → trainIds, label checks.
 
 The tables are copied from the official ``cityscapesScripts/helpers/labels.py`` so that
 label files, palettes and metrics here agree with every other Cityscapes tool.
+
+Two palettes colour a train-id map (`colorize`): Cityscapes' own (`PALETTE`), and `ADE20K_PALETTE`,
+each train id in the colour of its nearest ADE20K-150 class (`ADE20K_CLASSES`), the colours public
+segmentation ControlNets such as lllyasviel/control_v11p_sd15_seg were trained on.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from calora_ray.errors import UserError
+from calora_ray.errors import UserError, UserValueError
 
 CLASS_NAMES: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
@@ -55,6 +61,57 @@ LABEL_ID_TO_TRAIN_ID.flags.writeable = False
 TRAIN_ID_TO_LABEL_ID.flags.writeable = False
 
 
+class AdeClass(NamedTuple):
+    """The ADE20K-150 class a Cityscapes train id is drawn as for an ADE20K-palette ControlNet."""
+
+    train_id: int
+    name: str                        # as mmsegmentation's ADE20KDataset spells it
+    index: int                       # 0-based index in ADE20K-150 (mmseg's order; annotation PNGs store index + 1)
+    color: tuple[int, int, int]      # its colour in the standard ADE20K palette
+    approximate: str | None = None   # why the match is not one to one; None: the same class
+
+
+# Train id → ADE20K-150 class and colour (the colours of mmseg's ADE20KDataset.METAINFO['palette'],
+# which ControlNet 1.1's ADE20K annotators use; tests/test_controlnet.py checks them against mmseg).
+ADE20K_CLASSES = (
+    AdeClass(0, "road", 6, (140, 140, 140)),
+    AdeClass(1, "sidewalk", 11, (235, 255, 7)),
+    AdeClass(2, "building", 1, (180, 120, 120)),
+    AdeClass(3, "wall", 0, (120, 120, 120)),
+    AdeClass(4, "fence", 32, (255, 184, 6)),
+    AdeClass(5, "pole", 93, (51, 0, 255)),
+    AdeClass(6, "traffic light", 136, (41, 0, 255)),
+    AdeClass(7, "signboard", 43, (255, 5, 153),
+             "ADE20K has no traffic-sign class; 'signboard, sign' holds every sign, traffic signs included"),
+    AdeClass(8, "tree", 4, (4, 200, 3),
+             "Cityscapes' vegetation is trees, hedges and all vertical vegetation; ADE20K splits it into tree and "
+             "plant; tree is the nearest for the most of it"),
+    AdeClass(9, "grass", 9, (4, 250, 7),
+             "Cityscapes' terrain is grass, low horizontal vegetation, soil or sand; ADE20K splits it into grass, "
+             "earth, field and sand; grass is the nearest for the most of it"),
+    AdeClass(10, "sky", 2, (6, 230, 230)),
+    AdeClass(11, "person", 12, (150, 5, 61)),
+    AdeClass(12, "person", 12, (150, 5, 61),
+             "ADE20K has no rider class and labels riders as person: rider and person share a colour"),
+    AdeClass(13, "car", 20, (0, 102, 200)),
+    AdeClass(14, "truck", 83, (255, 0, 20)),
+    AdeClass(15, "bus", 80, (255, 0, 245)),
+    AdeClass(16, "bus", 80, (255, 0, 245),
+             "Cityscapes' train is any rail vehicle (trams, trains); ADE20K-150 has none, and bus is the nearest "
+             "vehicle of its size and shape: train and bus share a colour"),
+    AdeClass(17, "minibike", 116, (163, 0, 255)),  # ADE20K's full name: "minibike, motorbike"
+    AdeClass(18, "bicycle", 127, (255, 245, 0)),
+)
+ADE20K_PALETTE = np.zeros((256, 3), dtype=np.uint8)  # ignore (255) and unused ids: black
+for _ade in ADE20K_CLASSES:
+    ADE20K_PALETTE[_ade.train_id] = _ade.color
+ADE20K_PALETTE.flags.writeable = False
+
+# The conditioning palettes a ControlNet may be trained on (--control-palette), by name.
+PALETTES = {"cityscapes": PALETTE, "ade20k": ADE20K_PALETTE}
+CONTROL_PALETTES = tuple(PALETTES)
+
+
 class LabelError(UserError, ValueError):
     """A label map that is not a valid HxW train-id map; the message names the file."""
 
@@ -72,9 +129,16 @@ def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
     return LABEL_ID_TO_TRAIN_ID[label_ids.astype(np.intp)]
 
 
-def colorize(label: np.ndarray) -> np.ndarray:
-    """Train-id map HxW → RGB HxWx3 uint8 with the Cityscapes palette (ignore = black)."""
-    return PALETTE[np.asarray(label).astype(np.uint8)]
+def palette_colors(palette: str) -> np.ndarray:
+    """The 256 x 3 uint8 colour table (index = train id) of a palette name in PALETTES."""
+    if palette not in PALETTES:
+        raise UserValueError(f"unknown palette {palette!r}; one of {', '.join(CONTROL_PALETTES)}")
+    return PALETTES[palette]
+
+
+def colorize(label: np.ndarray, palette: str = "cityscapes") -> np.ndarray:
+    """Train-id map HxW → RGB HxWx3 uint8 in `palette` ('cityscapes' or 'ade20k'; ignore = black)."""
+    return palette_colors(palette)[np.asarray(label).astype(np.uint8)]
 
 
 def _format_ids(ids: np.ndarray, limit: int = 10) -> str:
