@@ -103,6 +103,23 @@ def trial_modules(trial: dict, report: dict | None, k_by: str = "count") -> list
                           seed=trial["seed"])
 
 
+def trial_twins(grid: list[dict], modules: dict[str, list[str] | None]) -> dict[str, str]:
+    """trial id -> the first trial of `grid` that tunes the same set of projections with the same seed, for
+    every trial that has such an earlier twin. Every trial has the same data, budget and sampling, so twins
+    train and measure exactly alike: the sweep runs the first and copies its record (e.g. `random` selects
+    the same projections for both concepts; k = 2 % and 3 % of 56 candidates are both 2). `modules`: each
+    trial's selection by id (None: no LoRA)."""
+    first, twins = {}, {}
+    for trial in grid:
+        selected = modules[trial["trial"]]
+        key = (None if selected is None else frozenset(selected), trial["seed"])
+        if key in first:
+            twins[trial["trial"]] = first[key]
+        else:
+            first[key] = trial["trial"]
+    return twins
+
+
 def trial_prompts() -> list[str]:
     """The clear prompt, then one per condition the target set lacks."""
     base = BASE_PROMPTS[("photorealistic", "first-person")]
@@ -211,4 +228,4 @@ def finished_trials(directory: str | Path, identity: dict | None = None) -> set[
 
 
 __all__ = ["CLEAR", "MODES", "UNSEEN_CONDITIONS", "finished_trials", "in_table3", "lora_param_percent",
-           "measure_trial", "ranking_rows", "trial_grid", "trial_id", "trial_modules", "write_trial"]
+           "measure_trial", "ranking_rows", "trial_grid", "trial_id", "trial_modules", "trial_twins", "write_trial"]

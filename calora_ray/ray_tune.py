@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .ablation import (CONCEPT_FREE, finished_trials, in_table3, lora_param_percent, measure_trial, ranking_rows,
-                       trial_grid, trial_id, trial_modules, write_trial)
+                       trial_grid, trial_modules, trial_twins, write_trial)
 from .ablation_report import write_report
 from .config import AblateConfig, EvaluateConfig, FinetuneConfig, GenerateConfig, ScoreConfig, build_config
 from .distributed import ensure_ray, resolve_resources
@@ -57,17 +57,12 @@ def report_key(concept: str, timestep: int) -> str:
     return f"{concept}@t{timestep}"
 
 
-def same_as(trial: dict, grid: list[dict], reports: dict[str, dict], main_timestep: int) -> str | None:
-    """For a trial scored at another timestep (Table 5): the id of the grid's trial at `main_timestep` that
-    tunes the same set of projections (so trains and measures exactly alike), else None."""
-    if trial.get("timestep") is None:
-        return None
-    twin = trial_id(trial["mode"], trial["k"], trial["concept"], trial["seed"])
-    if twin not in {t["trial"] for t in grid}:
-        return None
-    mine = trial_modules(trial, reports[report_key(trial["concept"], trial["timestep"])])
-    theirs = trial_modules(trial, reports[report_key(trial["concept"], main_timestep)])
-    return twin if set(mine) == set(theirs) else None
+def selection_of(trial: dict, reports: dict[str, dict], main_timestep: int) -> list[str] | None:
+    """The projections a trial tunes, from its concept's scoring run at its timestep (None: no LoRA)."""
+    if trial["mode"] in CONCEPT_FREE:  # `all` takes the candidate list, the same in every report
+        return trial_modules(trial, next(iter(reports.values())))
+    timestep = main_timestep if trial.get("timestep") is None else trial["timestep"]
+    return trial_modules(trial, reports[report_key(trial["concept"], timestep)])
 
 
 def score_concepts(cfg: AblateConfig, concepts: list[str]) -> dict[str, dict]:
@@ -117,9 +112,7 @@ def ablation_trial(config: dict) -> None:
     trial: dict = config["trial"]
     started = time.perf_counter()
     run_dir = Path(cfg.work_dir) / "runs" / trial["trial"]
-    timestep = cfg.timestep if trial.get("timestep") is None else trial["timestep"]
-    report = None if trial["mode"] in CONCEPT_FREE else config["reports"][report_key(trial["concept"], timestep)]
-    modules = trial_modules(trial, report if report is not None else next(iter(config["reports"].values()), None))
+    modules = selection_of(trial, config["reports"], cfg.timestep)
     finetune: dict = {}
     lora = None
     if modules is not None:
@@ -164,51 +157,55 @@ def concurrent_trials(cfg: AblateConfig, gpu: bool, cpus_per_worker: int) -> int
     return max(1, int(total.get("CPU", 0)) // (cfg.num_workers * cpus_per_worker))
 
 
-def downstream_miou(cfg: AblateConfig, output: Path) -> list[str]:
+def downstream_miou(cfg: AblateConfig, output: Path, twins: dict[str, str]) -> list[str]:
     """Downstream mIoU of Table 3's trials that lack it (`in_table3`): per trial, --eval-pairs pairs generated
     with its model (jobs/generate.py: --controlnet, the trial's LoRA, the clear prompt, the training masks,
     the trial's seed) into --work-dir/synthetic/<trial>; then one jobs/evaluate.py run over all of them (the
     real-only run shared, segmenter seed 0, --eval-iters) in --work-dir/evaluate; each trial record gets
-    miou_real, miou_real_synth and miou_delta. Both jobs resume, so a rerun redoes nothing finished.
-    Returns the trials measured now."""
+    miou_real, miou_real_synth and miou_delta. A trial with a twin (`trial_twins`) takes its twin's set. Both
+    jobs resume, so a rerun redoes nothing finished. Returns the trials measured now."""
     from .evaluation import REAL_SET, set_names  # here: it imports mmsegmentation, the optional seg extra
     from .ray_eval import run_evaluate  # here: it imports mmsegmentation, the optional seg extra
 
-    paths = sorted((output / "trials").glob("*.json"))
-    trials = {p: json.loads(p.read_text()) for p in paths}
-    todo = {p: t for p, t in trials.items() if in_table3(t, cfg.main_k) and t.get("miou_real_synth") is None}
+    trials = [json.loads(p.read_text()) for p in sorted((output / "trials").glob("*.json"))]
+    todo = [t for t in trials if in_table3(t, cfg.main_k) and t.get("miou_real_synth") is None]
     if not todo:
         return []
+    # the trial whose model makes each set (twins have one seed and one selection: either one's trial dict serves)
+    sources = {twins.get(t["trial"], t["trial"]): t for t in sorted(todo, key=lambda t: t["trial"])}
     sets = {}
-    for i, (path, trial) in enumerate(sorted(todo.items(), key=lambda item: item[1]["trial"])):
-        uri = str(Path(cfg.work_dir) / "synthetic" / trial["trial"])
-        lora = None if trial["mode"] == "none" else str(Path(cfg.work_dir) / "runs" / trial["trial"])
-        print(f"ablation: downstream [{i + 1}/{len(todo)}] {trial['trial']}: generating {cfg.eval_pairs} pairs",
-              flush=True)
+    for i, (source, trial) in enumerate(sorted(sources.items())):
+        uri = str(Path(cfg.work_dir) / "synthetic" / source)
+        lora = None if trial["mode"] == "none" else str(Path(cfg.work_dir) / "runs" / source)
+        print(f"ablation: downstream [{i + 1}/{len(sources)}] {source}: generating {cfg.eval_pairs} pairs", flush=True)
         started = time.perf_counter()
         run_generate(build_config(GenerateConfig, {
             "model": cfg.model, "model_seed": cfg.model_seed, "lora": lora, "controlnet": cfg.controlnet,
             "masks": cfg.data, "split": "train", "num_masks": cfg.num_images, "num_samples": cfg.eval_pairs,
-            "seed": trial["seed"], "resolution": cfg.resolution, "steps": cfg.sample_steps, "guidance": cfg.guidance,
-            "conditions": ["clear"], "rows_per_shard": max(1, cfg.eval_pairs), "measure_samples": 0,
-            "output": uri, "address": cfg.address, "ray_connect_timeout_s": cfg.ray_connect_timeout_s,
-            "verbose": cfg.verbose}), progress=False)
-        sets[path] = (uri, time.perf_counter() - started)
+            "seed": trial["seed"], "resolution": cfg.resolution, "steps": cfg.sample_steps,
+            "guidance": cfg.guidance, "conditions": ["clear"], "rows_per_shard": max(1, cfg.eval_pairs),
+            "measure_samples": 0, "output": uri, "address": cfg.address,
+            "ray_connect_timeout_s": cfg.ray_connect_timeout_s, "verbose": cfg.verbose}), progress=False)
+        sets[source] = (uri, time.perf_counter() - started)
+    uris = [uri for uri, _ in sets.values()]
     evaluated = run_evaluate(build_config(EvaluateConfig, {
-        "real": cfg.data, "real_images": cfg.num_images, "val": cfg.data, "synthetic": [u for u, _ in sets.values()],
-        "seeds": 1, "iters": cfg.eval_iters, "model_config": cfg.eval_model_config,
+        "real": cfg.data, "real_images": cfg.num_images, "val": cfg.data, "synthetic": uris, "seeds": 1,
+        "iters": cfg.eval_iters, "model_config": cfg.eval_model_config,
         "output": str(Path(cfg.work_dir) / "evaluate"), "address": cfg.address,
         "ray_connect_timeout_s": cfg.ray_connect_timeout_s, "verbose": cfg.verbose}))
     runs = {row["set"]: row for row in json.loads(Path(evaluated["metrics"]).read_text())["runs"]}
-    miou = {name: row["mIoU"] for name, row in runs.items()}
-    for (path, (uri, generate_s)), name in zip(sets.items(), set_names([u for u, _ in sets.values()])):
-        record = {**todo[path], "miou_real": miou[REAL_SET], "miou_real_synth": miou[name],
-                  "miou_delta": miou[name] - miou[REAL_SET],
-                  "downstream": {"pairs": cfg.eval_pairs, "iters": cfg.eval_iters, "segmenter": cfg.eval_model_config,
-                                 "segmenter_seed": 0, "synthetic": uri, "generate_s": round(generate_s, 1),
-                                 "segmenter_s": round(runs[name].get("wall_time_s", 0.0), 1)}}
-        write_trial(output, record)
-    return [t["trial"] for t in todo.values()]
+    names = dict(zip(sets, set_names(uris)))
+    for trial in todo:
+        source = twins.get(trial["trial"], trial["trial"])
+        (uri, generate_s), run = sets[source], runs[names[source]]
+        write_trial(output, {**trial, "miou_real": runs[REAL_SET]["mIoU"], "miou_real_synth": run["mIoU"],
+                             "miou_delta": run["mIoU"] - runs[REAL_SET]["mIoU"],
+                             "downstream": {"pairs": cfg.eval_pairs, "iters": cfg.eval_iters,
+                                            "segmenter": cfg.eval_model_config, "segmenter_seed": 0, "synthetic": uri,
+                                            "generate_s": round(generate_s, 1) if source == trial["trial"] else 0.0,
+                                            "segmenter_s": round(run.get("wall_time_s", 0.0), 1)
+                                            if source == trial["trial"] else 0.0}})
+    return [t["trial"] for t in todo]
 
 
 def trial_time(record: dict) -> float:
@@ -259,10 +256,15 @@ def run_ablation(cfg: AblateConfig, *, command: str, machine: str) -> Path:
     print(f"ablation: {len(grid)} trials, {len(grid) - len(remaining)} finished before, {len(remaining)} to run",
           flush=True)
     reports = score_concepts(cfg, cfg.concepts)  # reruns reuse the scoring runs of --work-dir
-    # a Table 5 trial whose timestep selects the projections the sweep's timestep selected would train and
-    # measure exactly the trial at --timestep (same data, seed, modules): its record is that trial's
-    copies = {t["trial"]: same for t in remaining if (same := same_as(t, grid, reports, cfg.timestep))}
+    # a trial that tunes what an earlier trial of the grid tunes, with its seed, would train and measure exactly
+    # like it: the twin runs, the trial gets its record
+    modules = {t["trial"]: selection_of(t, reports, cfg.timestep) for t in grid}
+    twins = trial_twins(grid, modules)
+    copies = {t["trial"]: twins[t["trial"]] for t in remaining if t["trial"] in twins}
     remaining = [t for t in remaining if t["trial"] not in copies]
+    if copies:
+        print(f"ablation: {len(copies)} of them tune what an earlier trial tunes (same seed): their records are "
+              f"copies ({', '.join(f'{a} = {b}' for a, b in copies.items())})", flush=True)
     if remaining:
         ensure_ray(cfg.address, cfg.ray_connect_timeout_s, verbose=cfg.verbose)
         unet = load_unet_skeleton(cfg.model, cfg.model_seed)
@@ -286,14 +288,13 @@ def run_ablation(cfg: AblateConfig, *, command: str, machine: str) -> Path:
     for trial_name, same in copies.items():
         twin = json.loads((output / "trials" / f"{same}.json").read_text())
         trial = next(t for t in grid if t["trial"] == trial_name)
-        modules = trial_modules(trial, reports[report_key(trial["concept"], trial["timestep"])])
         grid_png = output / "grids" / f"{same}.png"
         if grid_png.is_file():
             shutil.copyfile(grid_png, output / "grids" / f"{trial_name}.png")  # the same samples
-        write_trial(output, {**twin, **trial, "modules": modules, "same_as": same, "elapsed_s": 0.0,
+        write_trial(output, {**twin, **trial, "modules": modules[trial_name], "same_as": same, "elapsed_s": 0.0,
                              **{k: None for k in ("miou_real", "miou_real_synth", "miou_delta", "downstream")}})
     if cfg.eval_pairs:
-        downstream_miou(cfg, output)
+        downstream_miou(cfg, output, twins)
     trials = [json.loads(p.read_text()) for p in sorted((output / "trials").glob("*.json"))]
     return write_report(output, title=f"Ablation: which projections to tune ({cfg.model})", command=command,
                         machine=machine, run_time_s=sum(trial_time(t) for t in trials),

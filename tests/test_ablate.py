@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from calora_ray.ablation import in_table3, ranking_rows, trial_grid, trial_modules
+from calora_ray.ablation import in_table3, ranking_rows, trial_grid, trial_modules, trial_twins
 from calora_ray.config import AblateConfig, ConfigError, build_config
 from calora_ray.selection import spearman, top_k_overlap
 
@@ -49,6 +49,29 @@ def test_scoring_timesteps_add_ca_lora_trials_at_the_main_k():
         True, False, True, False, False, False, True, False, False, True, True]
     assert trial_grid(["normalized"], [2], 2.0, ["style"], [0]) == trial_grid(
         ["normalized"], [2], 2.0, ["style"], [0], timesteps=[81], main_timestep=81)
+
+
+def test_trials_that_tune_the_same_projections_with_one_seed_are_twins():
+    grid = trial_grid(["none", "all", "normalized", "random"], [2, 3], 2.0, ["style", "viewpoint"], [0, 1],
+                      timesteps=[1, 81], main_timestep=81)
+    names = [f"m{i}" for i in range(56)]
+    selections = {"style": ["m1", "m2"], "viewpoint": ["m3", "m1"], "style-t1": ["m2", "m1"], "viewpoint-t1": ["m9", "m8"]}
+
+    def modules(t):
+        if t["mode"] in ("none", "all"):
+            return None if t["mode"] == "none" else names
+        if t["mode"] == "random":
+            return ["m7", "m5"] if t["seed"] == 0 else ["m6", "m5"]  # random: the seed's, whatever the concept
+        return selections[t["concept"] + ("-t1" if t["timestep"] == 1 else "")]
+
+    twins = trial_twins(grid, {t["trial"]: modules(t) for t in grid})
+    for seed in (0, 1):
+        assert {k: v for k, v in twins.items() if k.endswith(f"-s{seed}")} == {
+            f"normalized-k3-style-s{seed}": f"normalized-k2-style-s{seed}",      # 3 % of 56 = 2 % of 56
+            f"normalized-k2-style-t1-s{seed}": f"normalized-k2-style-s{seed}",   # same set, other order
+            f"normalized-k3-viewpoint-s{seed}": f"normalized-k2-viewpoint-s{seed}",
+            f"random-k2-viewpoint-s{seed}": f"random-k2-style-s{seed}"}          # random ignores the concept
+    assert "none-s1" not in twins and "all-s1" not in twins  # another seed is never a twin
 
 
 def test_ranking_agreement_of_two_scoring_runs():
