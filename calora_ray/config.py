@@ -63,7 +63,9 @@ class ModelConfig:
     model_seed: int = field(default=0, metadata=_help("Seed of the weights of the 'tiny' presets."))
     mixed_precision: str = field(default="no", metadata=_help(
         "Compute dtype of the frozen base model on CUDA: 'no' (fp32), 'fp16' or 'bf16'. "
-        "Ignored on CPU (always fp32). Trainable LoRA weights stay fp32.",
+        "On CPU: generate and serve run bf16 when asked (fp16 is refused there: CPUs have no fp16 "
+        "arithmetic); the other jobs ignore it (fp32). Generation's VAE decodes in fp32 always. "
+        "Trainable LoRA weights stay fp32.",
         choices=("no", "fp16", "bf16")))
 
     def __post_init__(self):

@@ -164,7 +164,11 @@ class MaskGenerator:
                   default) or 'ade20k' (public ones such as lllyasviel/control_v11p_sd15_seg); a
                   ControlNet whose controlnet.json records another palette is refused.
       device      torch device; default CUDA when available, else CPU.
-      dtype       weights' dtype; default float32 (pass torch.float16 / bfloat16 on a GPU).
+      dtype       compute dtype of the text encoder, UNet and ControlNet; default float32 (bfloat16 on a
+                  CPU or GPU, float16 on a GPU). The VAE always decodes in float32, as diffusers'
+                  force_upcast does: SD VAE decoders overflow in fp16, and on the toy models the bf16
+                  decode is the largest single source of deviation from fp32, for one call per image
+                  against `steps` UNet + ControlNet calls (docs/benchmarks.md, "Precision").
       model_seed  the seed of the 'tiny' presets' random weights.
 
     generate(labels, prompts, seeds, steps, guidance, conditioning_scale=1.0) -> list of HxWx3 uint8:
@@ -196,7 +200,9 @@ class MaskGenerator:
             raise UserValueError(f"--model {model}: mask-conditioned generation supports SD-1.x/2.x-shaped "
                              "models (an SDXL ControlNet pipeline is not wired up yet)")
         cast = None if self.dtype == torch.float32 else self.dtype  # fp32 is what they load as
-        components.to(self.device, cast)
+        components.to(self.device)  # fp32, as they load; the VAE stays so (see the class docstring)
+        components.unet.to(dtype=cast)
+        components.text_encoder.to(dtype=cast)
         self.components = components
         self.model = model
         self.lora_sha256 = "" if lora is None else load_lora(components, lora)  # patches the shared UNet in place
@@ -222,6 +228,14 @@ class MaskGenerator:
         return self.components.unet.config.sample_size * self.components.vae_scale_factor
 
     @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """The pipeline's own decode and postprocessing of its final latents, with the latents cast to
+        the VAE's dtype first (float32: the upcast decode): (B, H, W, 3) floats in [0, 1]."""
+        vae = self.components.vae
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * len(image))
+
+    @torch.no_grad()
     def generate(self, labels: list[np.ndarray], prompts: list[str], seeds: list[int], steps: int = 25,
                  guidance: float = 4.0, conditioning_scale: float = 1.0) -> list[np.ndarray]:
         """One HxWx3 uint8 image per label (see the class docstring)."""
@@ -237,12 +251,13 @@ class MaskGenerator:
             raise ValueError(f"label size {width}x{height} must be a multiple of {factor}")
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                      generator=generators, output_type="np")
+                      generator=generators)
         if self.controlnet is not None:
             kwargs.update(image=[control_image(np.asarray(label, dtype=np.uint8), self.control_palette)
                                  for label in labels],
                           controlnet_conditioning_scale=conditioning_scale)
-        images = self.pipe(list(prompts), **kwargs).images  # (B, H, W, 3) floats in [0, 1]
+        latents = self.pipe(list(prompts), output_type="latent", **kwargs).images
+        images = self.decode(latents)  # (B, H, W, 3) floats in [0, 1]
         bad = [i for i, img in enumerate(images) if not np.isfinite(img).all()]
         if bad:  # a NaN would become a black pixel without a word: never write that into a dataset
             raise FloatingPointError(f"non-finite pixels in image(s) {bad} (seeds {[seeds[i] for i in bad]}) in "
@@ -297,7 +312,7 @@ class ShardGenerator:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg, self.masks, self.resolution = cfg, list(masks), resolution
         self.generator = MaskGenerator(cfg.model, lora=cfg.lora, controlnet=cfg.controlnet, device=device,
-                                       dtype=resolve_dtype(cfg.mixed_precision, device),
+                                       dtype=resolve_dtype(cfg.mixed_precision, device, cpu_bf16=True),
                                        model_seed=cfg.model_seed, control_palette=cfg.control_palette)
         self.reader = MaskReader()
         self.bad: dict[int, str] = {}  # mask index -> why it is unusable (this actor's knowledge)

@@ -25,7 +25,7 @@ from huggingface_hub import constants
 from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                           CLIPTokenizer)
 
-from .errors import UserError
+from .errors import UserError, UserValueError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The project's own pretrained toy model (see the toy world issue), a standard diffusers directory.
@@ -324,10 +324,18 @@ def save_components(components: Components, directory: str | Path) -> Path:
 # ----------------------------------------------------------------------------- devices, prompts
 
 
-def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """Compute dtype of frozen weights: fp16/bf16 on CUDA when asked, fp32 otherwise (CPU)."""
-    if device.type != "cuda" or mixed_precision == "no":
+def resolve_dtype(mixed_precision: str, device: torch.device, cpu_bf16: bool = False) -> torch.dtype:
+    """Compute dtype of frozen weights for --mixed-precision on `device`: fp16/bf16 on CUDA when asked;
+    on CPU fp32 (training's autocast is CUDA-only), except bf16 when asked and `cpu_bf16` (generation).
+
+    With `cpu_bf16`, fp16 on CPU is refused: CPUs have no fp16 arithmetic, and toy-sd generation ran
+    ~16x slower than in fp32 (docs/benchmarks.md, "Precision").
+    """
+    if mixed_precision == "no" or (device.type != "cuda" and not cpu_bf16):
         return torch.float32
+    if device.type != "cuda" and mixed_precision == "fp16":
+        raise UserValueError(f"--mixed-precision fp16 on {device.type}: CPUs have no fp16 arithmetic (toy-sd "
+                             "generation ~16x slower than fp32); use bf16 or no")
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 

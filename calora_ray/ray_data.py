@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import ray  # this module is the Ray Data adapter: it always needs Ray
+import torch
 from tqdm import tqdm
 
 from . import __version__
@@ -33,7 +34,7 @@ from .errors import UserValueError
 from .generation import ShardGenerator, check_generate_inputs
 from .masks import check_masks, list_masks
 from .measure import probe_metrics, read_samples
-from .models import TOY_SD_DIR
+from .models import TOY_SD_DIR, resolve_dtype
 from .outputs import for_workers, run_identity
 from .shards import MANIFEST, ShardStore, dataset_card, dataset_stats, preview_image, shard_ranges, update_card_measures
 
@@ -123,6 +124,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict:
     if pending:
         ensure_ray(cfg.address, cfg.ray_connect_timeout_s, verbose=cfg.verbose)
         (low, high), gpu, per_actor = generation_resources(cfg)
+        resolve_dtype(cfg.mixed_precision, torch.device("cuda" if gpu else "cpu"), cpu_bf16=True)  # fp16 on CPU actors fails here
         low, high = min(low, len(pending)), min(high, len(pending))
         actors = low if low == high else f"{low}-{high}"
         ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))

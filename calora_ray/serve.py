@@ -502,7 +502,7 @@ class SegmentationSampler:
         torch.set_num_threads(self.threads)
         device = torch.device("cuda" if gpu else "cpu")
         self.generator = MaskGenerator(cfg.model, lora=cfg.lora, controlnet=cfg.controlnet,
-                                       device=device, dtype=resolve_dtype(cfg.mixed_precision, device),
+                                       device=device, dtype=resolve_dtype(cfg.mixed_precision, device, cpu_bf16=True),
                                        model_seed=cfg.model_seed, control_palette=cfg.control_palette)
         factor = self.generator.components.vae_scale_factor * 8
         max_side = cfg.max_side // factor * factor
