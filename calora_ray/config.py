@@ -875,6 +875,11 @@ class AblateConfig(ModelConfig, DistributedConfig, RayConnectConfig):
         identity=False))
     eval_model_config: str = field(default="toy-fcn-r18-w16", metadata=_help(
         "The downstream segmenter (jobs/evaluate.py's --model-config).", identity=False))
+    stage: str = field(default="all", metadata=_help(
+        "What to run: 'all' (scoring, the missing trials, the downstream mIoU with --eval-pairs, the report); "
+        "'trials' (without the downstream mIoU); 'downstream' (only the downstream mIoU of the finished "
+        "trials); 'report' (nothing: grid.json and the report from the records in --output, listing what "
+        "has not run).", choices=("all", "trials", "downstream", "report"), identity=False))
     max_concurrent_trials: int | None = field(default=None, metadata=_help(
         "Trials at once; default: as many trainers as the cluster holds (GPUs / --num-workers, or CPUs / "
         "the CPUs of one trial).", identity=False))
@@ -903,6 +908,9 @@ class AblateConfig(ModelConfig, DistributedConfig, RayConnectConfig):
             self.controlnet = None
         if self.eval_pairs < 0:
             raise ConfigError(f"--eval-pairs must be >= 0, got {self.eval_pairs}")
+        check_choice("stage", self.stage, ("all", "trials", "downstream", "report"))
+        if self.stage == "downstream" and not self.eval_pairs:
+            raise ConfigError("--stage downstream needs --eval-pairs N (N >= 1)")
         if self.eval_pairs and self.controlnet is None:
             raise ConfigError("--eval-pairs needs --controlnet: the downstream pairs are mask-conditioned samples")
         _check_next(self, AblateConfig)

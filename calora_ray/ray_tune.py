@@ -157,8 +157,9 @@ def concurrent_trials(cfg: AblateConfig, gpu: bool, cpus_per_worker: int) -> int
     return max(1, int(total.get("CPU", 0)) // (cfg.num_workers * cpus_per_worker))
 
 
-def downstream_miou(cfg: AblateConfig, output: Path, twins: dict[str, str]) -> list[str]:
-    """Downstream mIoU of Table 3's trials that lack it (`in_table3`): per trial, --eval-pairs pairs generated
+def downstream_miou(cfg: AblateConfig, output: Path, grid: set[str], twins: dict[str, str]) -> list[str]:
+    """Downstream mIoU of the `grid`'s finished Table 3 trials that lack it (`in_table3`): per trial, --eval-pairs
+    pairs generated
     with its model (jobs/generate.py: --controlnet, the trial's LoRA, the clear prompt, the training masks,
     the trial's seed) into --work-dir/synthetic/<trial>; then one jobs/evaluate.py run over all of them (the
     real-only run shared, segmenter seed 0, --eval-iters) in --work-dir/evaluate; each trial record gets
@@ -168,7 +169,7 @@ def downstream_miou(cfg: AblateConfig, output: Path, twins: dict[str, str]) -> l
     from .ray_eval import run_evaluate  # here: it imports mmsegmentation, the optional seg extra
 
     trials = [json.loads(p.read_text()) for p in sorted((output / "trials").glob("*.json"))]
-    todo = [t for t in trials if in_table3(t, cfg.main_k) and t.get("miou_real_synth") is None]
+    todo = [t for t in trials if t["trial"] in grid and in_table3(t, cfg.main_k) and t.get("miou_real_synth") is None]
     if not todo:
         return []
     # the trial whose model makes each set (twins have one seed and one selection: either one's trial dict serves)
@@ -253,15 +254,18 @@ def run_ablation(cfg: AblateConfig, *, command: str, machine: str) -> Path:
     remaining = [t for t in grid if t["trial"] not in done]
     # Tune runs each trial in its own directory, and its tasks in their node's: local paths made absolute
     cfg = for_workers(cfg, outputs=("output", "work_dir"), inputs=("model", "data", "controlnet"))
-    print(f"ablation: {len(grid)} trials, {len(grid) - len(remaining)} finished before, {len(remaining)} to run",
-          flush=True)
+    runs_trials = cfg.stage in ("all", "trials")
+    print(f"ablation: {len(grid)} trials, {len(grid) - len(remaining)} finished before, "
+          f"{len(remaining) if runs_trials else 0} to run", flush=True)
+    if cfg.stage == "report":
+        return report_of(cfg, output, command, machine)
     reports = score_concepts(cfg, cfg.concepts)  # reruns reuse the scoring runs of --work-dir
     # a trial that tunes what an earlier trial of the grid tunes, with its seed, would train and measure exactly
     # like it: the twin runs, the trial gets its record
     modules = {t["trial"]: selection_of(t, reports, cfg.timestep) for t in grid}
     twins = trial_twins(grid, modules)
-    copies = {t["trial"]: twins[t["trial"]] for t in remaining if t["trial"] in twins}
-    remaining = [t for t in remaining if t["trial"] not in copies]
+    copies = {t["trial"]: twins[t["trial"]] for t in remaining if t["trial"] in twins} if runs_trials else {}
+    remaining = [t for t in remaining if t["trial"] not in copies] if runs_trials else []
     if copies:
         print(f"ablation: {len(copies)} of them tune what an earlier trial tunes (same seed): their records are "
               f"copies ({', '.join(f'{a} = {b}' for a, b in copies.items())})", flush=True)
@@ -293,8 +297,13 @@ def run_ablation(cfg: AblateConfig, *, command: str, machine: str) -> Path:
             shutil.copyfile(grid_png, output / "grids" / f"{trial_name}.png")  # the same samples
         write_trial(output, {**twin, **trial, "modules": modules[trial_name], "same_as": same, "elapsed_s": 0.0,
                              **{k: None for k in ("miou_real", "miou_real_synth", "miou_delta", "downstream")}})
-    if cfg.eval_pairs:
-        downstream_miou(cfg, output, twins)
+    if cfg.eval_pairs and cfg.stage in ("all", "downstream"):
+        downstream_miou(cfg, output, {t["trial"] for t in grid}, twins)
+    return report_of(cfg, output, command, machine)
+
+
+def report_of(cfg: AblateConfig, output: Path, command: str, machine: str) -> Path:
+    """The sweep's report.md (and fig6.png, results.json) from the records in `output`."""
     trials = [json.loads(p.read_text()) for p in sorted((output / "trials").glob("*.json"))]
     return write_report(output, title=f"Ablation: which projections to tune ({cfg.model})", command=command,
                         machine=machine, run_time_s=sum(trial_time(t) for t in trials),

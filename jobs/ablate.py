@@ -37,7 +37,10 @@ def main(argv=None):
     cfg = parse_config(AblateConfig, argv, job="ablate", description=__doc__)
     from calora_ray.ray_tune import run_ablation  # after the flags: --help does not wait for Ray's import
 
-    command = "python jobs/ablate.py " + " ".join(shlex.quote(a) for a in argv)
+    # the report shows the command that makes (or finishes) the whole sweep, whatever --stage this run is
+    stage = [i for i, a in enumerate(argv) if a == "--stage"]
+    shown = [a for i, a in enumerate(argv) if not any(i in (j, j + 1) for j in stage)]
+    command = "python jobs/ablate.py " + " ".join(shlex.quote(a) for a in shown)
     report = run_job(run_ablation, cfg, command=command, machine=machine())
     print(f"report: {report}")
 

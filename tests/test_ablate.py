@@ -103,6 +103,8 @@ def test_ablation_config_checks_the_new_settings():
         build_config(AblateConfig, {"eval_pairs": 10, "controlnet": "none"})
     with pytest.raises(ConfigError, match="--stability-samples"):
         build_config(AblateConfig, {"stability_samples": [4, 0]})
+    with pytest.raises(ConfigError, match="--stage downstream needs --eval-pairs"):
+        build_config(AblateConfig, {"stage": "downstream"})
     with pytest.raises(ConfigError, match="--timesteps"):
         build_config(AblateConfig, {"timesteps": [1, 1000]})
     assert build_config(AblateConfig, {"stability_samples": []}).stability_samples == []
@@ -213,6 +215,12 @@ def test_a_small_sweep_reports_resumes_and_reproduces(tmp_path, monkeypatch, con
 
         code, text = run_job_main("ablate", *args)  # nothing left: no Ray work, the report again
         assert code == 0 and "4 trials, 4 finished before, 0 to run" in text, text
+        # a larger grid, reported without running it: what is missing is listed, nothing runs
+        code, text = run_job_main("ablate", *args, "--seeds", "0", "1", "--stage", "report")  # the last --seeds wins
+        assert code == 0 and "8 trials, 4 finished before, 0 to run" in text, text
+        report = (out / "report.md").read_text()
+        assert "trials finished: 4 of 8 in the grid" in report and "`none-s1`" in report
+        assert "--stage" not in report and not (out / "trials" / "none-s1.json").exists()
         # other settings in the same output would mix incomparable numbers: refused, naming the setting
         other = [("5" if a == "4" and args[i - 1] == "--steps" else a) for i, a in enumerate(args)]
         code, text = run_job_main("ablate", *other)
