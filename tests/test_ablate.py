@@ -199,11 +199,13 @@ def test_a_small_sweep_reports_resumes_and_reproduces(tmp_path, monkeypatch, con
         assert len(json.loads((out / "results.json").read_text())["rows"]) == 4
 
         # killed before the CA-LoRA trial finished: its record is missing (records are written whole, at the
-        # end) and, here, its fine-tuning run too; the rerun runs that trial alone and gets the same numbers
-        # (its downstream set and segmenter run, complete, are found again: the retrained LoRA is the same file)
+        # end) and, here, its fine-tuning run too, and so its downstream set and segmenter run (they come after
+        # every trial); the rerun runs that trial alone and gets the same numbers
         kept = (out / "trials" / "none-s0.json").read_bytes()
         (out / "trials" / "normalized-k2-style-s0.json").unlink()
-        shutil.rmtree(work / "runs" / "normalized-k2-style-s0")
+        for lost in (work / "runs" / "normalized-k2-style-s0", work / "synthetic" / "normalized-k2-style-s0",
+                     work / "evaluate" / "runs" / "real+normalized-k2-style-s0"):
+            shutil.rmtree(lost)
         code, text = run_job_main("ablate", *args)
         assert code == 0, text
         assert "4 trials, 3 finished before, 1 to run" in text
