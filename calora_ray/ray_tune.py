@@ -71,6 +71,7 @@ def score_concepts(cfg: AblateConfig, concepts: list[str]) -> dict[str, dict]:
     --stability-samples) each sample count's against a run of 4 x --score-samples at seed 1."""
     reports, rows = {}, []
     reference_samples = 4 * cfg.score_samples
+    ks = sorted({cfg.main_k, max(cfg.ks)})  # the overlaps reported: Table 3's k and the grid's largest
     for concept in concepts:
         by_timestep = {t: score_run(cfg, concept, t, cfg.score_samples, 0)
                        for t in sorted({cfg.timestep, *cfg.timesteps})}
@@ -81,12 +82,11 @@ def score_concepts(cfg: AblateConfig, concepts: list[str]) -> dict[str, dict]:
             reference = score_run(cfg, concept, cfg.timestep, reference_samples, 1)
             by_samples = {n: main if n == cfg.score_samples else score_run(cfg, concept, cfg.timestep, n, 0)
                           for n in sorted({*cfg.stability_samples, cfg.score_samples})}
-        rows += ranking_rows(concept, main, by_timestep, by_samples, reference, sorted({cfg.main_k, max(cfg.ks)}),
-                             cfg.main_k)
+        rows += ranking_rows(concept, main, by_timestep, by_samples, reference, ks, cfg.main_k)
     study = {"main_timestep": cfg.timestep, "main_samples": cfg.score_samples,
              "reference": {"samples": reference_samples, "seed": 1, "timestep": cfg.timestep}
              if cfg.stability_samples else None,
-             "ks": sorted({cfg.main_k, max(cfg.ks)}), "rows": rows}
+             "ks": ks, "rows": rows}
     atomic_write_text(Path(cfg.output) / "scoring.json", json.dumps(study, indent=2) + "\n")
     return reports
 
@@ -159,9 +159,8 @@ def concurrent_trials(cfg: AblateConfig, gpu: bool, cpus_per_worker: int) -> int
 
 def downstream_miou(cfg: AblateConfig, output: Path, grid: set[str], twins: dict[str, str]) -> list[str]:
     """Downstream mIoU of the `grid`'s finished Table 3 trials that lack it (`in_table3`): per trial, --eval-pairs
-    pairs generated
-    with its model (jobs/generate.py: --controlnet, the trial's LoRA, the clear prompt, the training masks,
-    the trial's seed) into --work-dir/synthetic/<trial>; then one jobs/evaluate.py run over all of them (the
+    pairs generated with its model (jobs/generate.py: --controlnet, the trial's LoRA, the clear prompt, the
+    training masks, the trial's seed) into --work-dir/synthetic/<trial>; then one jobs/evaluate.py run over all of them (the
     real-only run shared, segmenter seed 0, --eval-iters) in --work-dir/evaluate; each trial record gets
     miou_real, miou_real_synth and miou_delta. A trial with a twin (`trial_twins`) takes its twin's set. Both
     jobs resume, so a rerun redoes nothing finished. Returns the trials measured now."""
