@@ -3,7 +3,7 @@
     python benchmarks/generate_cuda_check.py [--out DIR]
 
 MaskGenerator (tiny model + a random segmentation ControlNet whose zero convolutions are made
-non-zero) on CUDA in fp32 and fp16: finite images, the same seeds give the same bytes, and — the
+non-zero) on CUDA in fp32, fp16 and bf16: finite images, the same seeds give the same bytes, and — the
 noise being drawn on the CPU — the CUDA fp32 images match the CPU ones up to kernel rounding.
 Then ShardGenerator writes one shard from the GPU (no Ray), and a rough images/s at batch 16.
 Prints a JSON summary (also DIR/generate_cuda_check.json).
@@ -49,7 +49,7 @@ def main(argv=None):
     report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0)}
 
     cpu = MaskGenerator("tiny", controlnet=str(controlnet_dir), device="cpu").generate(labels, prompts, seeds, 10, 4.0)
-    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         gen = MaskGenerator("tiny", controlnet=str(controlnet_dir), device="cuda", dtype=dtype)
         a = gen.generate(labels, prompts, seeds, 10, 4.0)
         b = gen.generate(labels, prompts, seeds, 10, 4.0)

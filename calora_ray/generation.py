@@ -176,7 +176,8 @@ class MaskGenerator:
               image is generated at that size (a multiple of 8 x the VAE factor).
       prompts one prompt per label (build_prompt makes the paper's).
       seeds   one int per label: image i starts from the noise of torch.Generator().manual_seed(
-              seeds[i]) (drawn on the CPU, so a seed gives the same noise on every device); an
+              seeds[i]) (drawn on the CPU in float32, then cast to dtype, so a seed gives the same
+              noise on every device and in every precision); an
               image's content depends on its own seed, label and prompt only, not on the rest of
               the batch. Its bytes are reproducible for the same batch composition (the same
               labels, prompts and seeds in the same order in one call, on the same device, dtype
@@ -235,6 +236,17 @@ class MaskGenerator:
         image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * len(image))
 
+    def initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
+        """The starting latents: one draw per CPU generator, in float32 whatever self.dtype, then cast.
+        diffusers draws them in the pipeline's dtype, and torch's CPU normal sampler in fp16 / bf16 is
+        not the fp32 one rounded in every torch release: the same seed then starts a different image
+        in half precision. The fp32 bytes are exactly diffusers' own (randn_tensor, one draw per
+        generator)."""
+        c = self.components
+        shape = (1, c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
+        noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        return noise.to(self.device, self.dtype)
+
     @torch.no_grad()
     def generate(self, labels: list[np.ndarray], prompts: list[str], seeds: list[int], steps: int = 25,
                  guidance: float = 4.0, conditioning_scale: float = 1.0) -> list[np.ndarray]:
@@ -251,7 +263,7 @@ class MaskGenerator:
             raise ValueError(f"label size {width}x{height} must be a multiple of {factor}")
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                      generator=generators)
+                      generator=generators, latents=self.initial_noise(generators, height, width))
         if self.controlnet is not None:
             kwargs.update(image=[control_image(np.asarray(label, dtype=np.uint8), self.control_palette)
                                  for label in labels],
