@@ -559,9 +559,11 @@ class GenerateConfig(ModelConfig, ControlPaletteConfig, RayConnectConfig):
         "Samples to generate; sample i uses usable mask i mod (number of usable masks)."))
     seed: int = field(default=0, metadata=_help(
         "Job seed: sample i's noise seed, condition, augmentation and sample_id derive from (seed, i)."))
-    resolution: int | None = field(default=None, metadata=_help(
-        "Square image side in pixels; default: the model's native size. Masks are centre-cropped to a "
-        "square and resized nearest-neighbour to it; masks smaller than it are skipped."))
+    resolution: str | None = field(default=None, metadata=_help(
+        "Image size in pixels: HxW (height x width, e.g. 512x1024 for Cityscapes' 2:1 on SD-1.5, "
+        "64x128 on toy-sd) or one side for a square; default: the model's native square. Masks are "
+        "cropped at that aspect (centred, or as --max-zoom places it) and resized nearest-neighbour "
+        "to it; masks smaller than it on either side are skipped; toy masks are rendered at it."))
     steps: int = field(default=25, metadata=_help("Sampling steps."))
     guidance: float = field(default=4.0, metadata=_help("Classifier-free guidance scale."))
     conditioning_scale: float = field(default=1.0, metadata=_help("ControlNet conditioning scale."))
@@ -616,7 +618,8 @@ class GenerateConfig(ModelConfig, ControlPaletteConfig, RayConnectConfig):
         for name in ("num_samples", "steps", "rows_per_shard", "row_group_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_masks", "num_actors", "min_actors", "max_actors", "resolution"):
+        self.resolution = resolution_text(self.resolution, "--resolution")
+        for name in ("num_masks", "num_actors", "min_actors", "max_actors"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_actor is not None and self.cpus_per_actor < 1:
@@ -664,11 +667,17 @@ class Limits:
     max_conditioning_scale: float = field(default=10.0, metadata=_help(
         "Largest conditioning_scale of one request."))
     max_prompt_chars: int = field(default=2000, metadata=_help("Longest prompt of one request, in characters."))
+    resolution: str | None = field(default=None, metadata=_help(
+        "Generate every image at this size: HxW (height x width, e.g. 512x1024) or one side; each "
+        "request's mask is cropped at that aspect (centred) and resized nearest-neighbour to it, and "
+        "must be at least that large. Default: each image at its mask's own size (each side a "
+        "multiple of side_multiple)."))
     side_multiple: int = field(default=32, metadata=_help(
         "Each side of a mask must be a multiple of this: set by the replica from the model "
         "(VAE factor x 8 with a ControlNet).", internal=True))
 
     def __post_init__(self):
+        self.resolution = resolution_text(self.resolution, "--resolution")
         for name in ("max_body_bytes", "max_side", "max_num_images", "max_steps", "max_prompt_chars", "default_steps",
                      "side_multiple"):
             if getattr(self, name) < 1:
@@ -916,6 +925,42 @@ class AblateConfig(ModelConfig, DistributedConfig, RayConnectConfig):
         _check_next(self, AblateConfig)
 
 
+# ----------------------------------------------------------------------------- image sizes
+
+
+def parse_resolution(value: str | int | None, flag: str = "--resolution") -> tuple[int, int] | None:
+    """(height, width) of a size given as 'HxW' ('512x1024') or one side ('512', 512, a square);
+    None stays None. A ConfigError naming `flag` for anything else."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    parts = text.split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"{flag} {value!r}: expected HxW (height x width, e.g. 512x1024) or one side (512)")
+    height, width = (int(parts[0]), int(parts[-1]))
+    if height < 8 or width < 8:
+        raise ConfigError(f"{flag} {value!r}: each side must be >= 8")
+    return height, width
+
+
+def resolution_text(value: str | int | None, flag: str = "--resolution") -> str | None:
+    """The canonical text of a size: '512' for a square, '512x1024' otherwise (what configs store)."""
+    size = parse_resolution(value, flag)
+    return None if size is None else size_label(size)
+
+
+def size_label(size: tuple[int, int]) -> str:
+    """'64' for (64, 64), '64x128' for (64, 128): how runs, manifests and cards name a size."""
+    height, width = size
+    return str(height) if height == width else f"{height}x{width}"
+
+
+def size_identity(size: tuple[int, int]) -> int | str:
+    """A size as run records and manifests store it: the side (an int) for a square, as before
+    non-square sizes existed, so older runs still resume; 'HxW' otherwise."""
+    return size[0] if size[0] == size[1] else size_label(size)
+
+
 # ----------------------------------------------------------------------------- parsing
 
 
@@ -957,6 +1002,8 @@ def _coerce(name: str, value, tp, where: str):
         return value
     if scalar is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if scalar is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # YAML reads `resolution: 512` as a number
     if scalar is float and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-4 (no dot) as a string
             return float(value)

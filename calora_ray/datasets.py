@@ -32,21 +32,31 @@ TOY_DEFAULT_NUM_IMAGES = {"train": 30, "val": 100}
 TOY_WORLD_DEFAULT_NUM_IMAGES = {"train": 8000, "val": 500}  # the pretraining world ("toy:world")
 
 
-def resize_and_crop(image: np.ndarray, label: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize so the shorter side is `resolution`, then centre-crop to resolution x resolution.
+def as_size(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a side (a square) or a (height, width) pair."""
+    if isinstance(resolution, (tuple, list)):
+        return int(resolution[0]), int(resolution[1])
+    return int(resolution), int(resolution)
+
+
+def resize_and_crop(image: np.ndarray, label: np.ndarray,
+                    resolution: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Resize so the image just covers `resolution` (a side, or (height, width)), keeping its aspect,
+    then centre-crop to exactly that size.
 
     image: HxWx3 uint8, resized bicubically. label: HxW uint8 ids, resized with NEAREST only,
     so no new ids appear (interpolating ids would invent classes on every boundary).
     """
+    out_h, out_w = as_size(resolution)
     h, w = label.shape
-    scale = resolution / min(h, w)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(out_h / h, out_w / w)
+    new_w, new_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
     if (new_h, new_w) != (h, w):
         image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC))
         label = np.asarray(Image.fromarray(label).resize((new_w, new_h), Image.NEAREST))
-    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-    return (image[top:top + resolution, left:left + resolution],
-            label[top:top + resolution, left:left + resolution])
+    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    return (image[top:top + out_h, left:left + out_w],
+            label[top:top + out_h, left:left + out_w])
 
 
 class SegmentationDataset(Dataset):
@@ -56,7 +66,8 @@ class SegmentationDataset(Dataset):
     names: one name per sample. load(i) -> (image HxWx3 uint8, label HxW ids, label_name) or
     (image, label, label_name, extra): label_name is what an error names (the label file, or the
     toy sample name); extra, a dict, is added to the item (e.g. the toy world's caption).
-    resolution: square output size (shorter side resized, centre crop), None = as loaded.
+    resolution: output size, a side (square) or (height, width): resized to cover it, centre
+    crop; None = as loaded.
     """
 
     def __init__(self, source: str, names: Sequence[str],
@@ -76,7 +87,7 @@ class SegmentationDataset(Dataset):
         i %= n
         image, label, label_name, *extra = self._load(i)
         label = validate_label(label, name=label_name)
-        if self.resolution is not None and label.shape != (self.resolution, self.resolution):
+        if self.resolution is not None and label.shape != as_size(self.resolution):
             image, label = resize_and_crop(image, label, self.resolution)
         label = validate_label(label, name=label_name, expected_shape=image.shape[:2])
         item = {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label), "name": self.names[i]}
@@ -127,13 +138,14 @@ def open_dataset(source: str, split: str = "train", num_images: int | None = Non
     split: "train" / "val" for toy; any split directory for Cityscapes.
     num_images: the first N samples (toy default 30 for train, 100 for val; toy:world 8000 / 500;
     Cityscapes: all).
-    resolution: square side (shorter side resized, centre-cropped); None keeps the native size
+    resolution: a side (square) or (height, width): resized to cover it and centre-cropped (toy
+    scenes are rendered at it: a wider one sees more of the street); None keeps the native size
     (toy: TOY_NATIVE_SIZE). seed: picks the toy world's block of scenes; unused for directories.
     """
     if num_images is not None and num_images < 1:
         raise UserValueError(f"num_images must be a positive integer or None, got {num_images}")
-    if resolution is not None and resolution < 1:
-        raise UserValueError(f"resolution must be a positive integer or None, got {resolution}")
+    if resolution is not None and min(as_size(resolution)) < 1:
+        raise UserValueError(f"resolution must be a positive integer, a (height, width) pair or None, got {resolution}")
     if source in TOY_SOURCES:
         return _open_toy(source, split, num_images, resolution, seed)
     if source.startswith("toy:"):

@@ -31,11 +31,11 @@ from PIL import Image
 
 from .cli import quiet_libraries
 from .concepts import join_class_names
-from .config import GenerateConfig
+from .config import GenerateConfig, parse_resolution, size_label
 from .controlnet import check_control_palette, control_image, controlnet_sha256, load_controlnet, vae_factor_of
 from .data.labels import NUM_CLASSES, MaskError, class_names_present, palette_colors
 from .data.png import encode_png
-from .datasets import open_dataset
+from .datasets import as_size, open_dataset
 from .errors import UserValueError
 from .lora import file_sha256, load_lora, lora_file
 from .masks import MaskReader, MaskRef, load_checked
@@ -119,21 +119,28 @@ def plan_sample(job_seed: int, index: int, num_masks: int, conditions: list[str]
                       offset if max_zoom > 1.0 else (0.5, 0.5))
 
 
-def augment_layout(label: np.ndarray, resolution: int, flip: bool = False, zoom: float = 1.0,
+def augment_layout(label: np.ndarray, resolution: int | tuple[int, int], flip: bool = False, zoom: float = 1.0,
                    offset: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
-    """A square `resolution` x `resolution` label map from `label` (HxW train ids).
+    """A label map of `resolution` (a side, or (height, width)) from `label` (HxW train ids).
 
-    Crops a square of side (shorter side / zoom) at `offset` ((y, x) in [0, 1] of the free room;
-    (0.5, 0.5) = centred), resizes it nearest-neighbour only (no new ids on boundaries), and
-    flips it left-right when `flip`. The image is generated at this size, so it matches the label.
+    Crops the largest window of the output's aspect that fits, shrunk by 1/zoom, at `offset`
+    ((y, x) in [0, 1] of the free room; (0.5, 0.5) = centred), resizes it nearest-neighbour only
+    (no new ids on boundaries), and flips it left-right when `flip`. The image is generated at this
+    size, so it matches the label. (A square output crops a square of the shorter side / zoom.)
     """
+    out_h, out_w = as_size(resolution)
     h, w = label.shape
-    side = max(1, int(round(min(h, w) / max(zoom, 1.0))))
-    top = int(round((h - side) * min(max(offset[0], 0.0), 1.0)))
-    left = int(round((w - side) * min(max(offset[1], 0.0), 1.0)))
-    crop = np.ascontiguousarray(label[top:top + side, left:left + side])
-    if crop.shape != (resolution, resolution):
-        crop = np.asarray(Image.fromarray(crop).resize((resolution, resolution), Image.NEAREST))
+    if h * out_w <= w * out_h:  # the label is wider than the output's aspect: the full height fits
+        crop_h, crop_w = h, h * out_w / out_h
+    else:
+        crop_h, crop_w = w * out_h / out_w, w
+    zoom = max(zoom, 1.0)
+    crop_h, crop_w = max(1, int(round(crop_h / zoom))), max(1, int(round(crop_w / zoom)))
+    top = int(round((h - crop_h) * min(max(offset[0], 0.0), 1.0)))
+    left = int(round((w - crop_w) * min(max(offset[1], 0.0), 1.0)))
+    crop = np.ascontiguousarray(label[top:top + crop_h, left:left + crop_w])
+    if crop.shape != (out_h, out_w):
+        crop = np.asarray(Image.fromarray(crop).resize((out_w, out_h), Image.NEAREST))
     if flip:
         crop = crop[:, ::-1]
     return np.ascontiguousarray(crop)
@@ -281,8 +288,8 @@ class MaskGenerator:
 
 
 def check_generate_inputs(cfg: GenerateConfig) -> dict:
-    """Everything jobs/generate.py checks before any work: returns {resolution, lora_sha256,
-    controlnet_sha256}. A UserError naming the flag for each bad input."""
+    """Everything jobs/generate.py checks before any work: returns {resolution: (height, width),
+    lora_sha256, controlnet_sha256}. A UserError naming the flag for each bad input."""
     if cfg.controlnet is None:
         raise UserValueError("--controlnet is required: a segmentation ControlNet (jobs/train_controlnet.py output) "
                              "turns each label map into its image")
@@ -297,10 +304,14 @@ def check_generate_inputs(cfg: GenerateConfig) -> dict:
     cn_sha = controlnet_sha256(cfg.controlnet)
     check_control_palette(cfg.controlnet, cfg.control_palette)
     factor = vae_factor_of(cfg.controlnet)
-    resolution = cfg.resolution or load_unet_skeleton(cfg.model, cfg.model_seed).config.sample_size * factor
-    if resolution % (factor * 8):
-        raise UserValueError(f"--resolution {resolution} must be a multiple of {factor * 8} (VAE factor {factor} x 8)")
-    return {"resolution": resolution, "lora_sha256": lora_sha, "controlnet_sha256": cn_sha}
+    size = parse_resolution(cfg.resolution)
+    if size is None:
+        native = load_unet_skeleton(cfg.model, cfg.model_seed).config.sample_size * factor
+        size = (native, native)
+    if size[0] % (factor * 8) or size[1] % (factor * 8):
+        raise UserValueError(f"--resolution {size_label(size)}: each side must be a multiple of {factor * 8} "
+                             f"(VAE factor {factor} x 8)")
+    return {"resolution": size, "lora_sha256": lora_sha, "controlnet_sha256": cn_sha}
 
 
 class ShardGenerator:
@@ -312,7 +323,8 @@ class ShardGenerator:
 
     cfg: the GenerateConfig; masks: the listed masks, unchecked (sample i uses masks[i % len(masks)],
     or, when that one is unusable, the next usable one in list order: `mask_for`; the bad ones a
-    shard met are in its commit record's "skipped"); resolution: the image side; threads: torch CPU
+    shard met are in its commit record's "skipped"); resolution: the image size, (height, width) or a
+    side; threads: torch CPU
     threads; device: where the model runs.
     """
 

@@ -31,7 +31,8 @@ import numpy as np
 from calora_ray.data.cityscapes import LABEL_SUFFIX, TRAIN_IDS_SUFFIX
 from calora_ray.data.labels import MaskError
 from calora_ray.data.png import decode_label_png
-from calora_ray.datasets import open_dataset
+from calora_ray.config import size_label
+from calora_ray.datasets import as_size, open_dataset
 from calora_ray.errors import UserFileNotFoundError, UserValueError
 from calora_ray.shards import RowReader, file_rows, file_uri, parquet_files, url_to_fs
 from calora_ray.toyworld.splits import TOY_SEED_STRIDE
@@ -45,7 +46,8 @@ class MaskRef:
     """Where one mask lies. str(ref) is the text a generated row's `mask` column stores:
 
     kind "toy":     uri = the toy dataset ("toy:target"), split, index = its sample, resolution =
-                    the render size                                   -> "toy:target:train:12@64"
+                    the render size, a side or (height, width)        -> "toy:target:train:12@64"
+                                                                         "toy:target:train:12@64x128"
     kind "file":    uri = the label PNG's URI (a Cityscapes-layout file) -> "<uri>"
     kind "parquet": uri = the Parquet file's URI, index = the row       -> "<uri>#<row>"
 
@@ -56,7 +58,7 @@ class MaskRef:
     uri: str
     index: int | None = None
     split: str | None = None
-    resolution: int | None = None
+    resolution: int | tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.kind not in MASK_KINDS:
@@ -67,9 +69,11 @@ class MaskRef:
             raise ValueError(f"a {self.kind} MaskRef takes uri and {fields}; got {self!r}")
 
     @classmethod
-    def toy(cls, dataset: str, split: str, index: int, resolution: int) -> MaskRef:
-        """Sample `index` of the toy dataset `dataset` ("toy:target") `split`, rendered at `resolution`."""
-        return cls("toy", dataset, int(index), split, int(resolution))
+    def toy(cls, dataset: str, split: str, index: int, resolution: int | tuple[int, int]) -> MaskRef:
+        """Sample `index` of the toy dataset `dataset` ("toy:target") `split`, rendered at `resolution`
+        (a side, or (height, width); a square pair is stored as its side)."""
+        height, width = as_size(resolution)
+        return cls("toy", dataset, int(index), split, height if height == width else (height, width))
 
     @classmethod
     def file(cls, uri: str) -> MaskRef:
@@ -88,9 +92,12 @@ class MaskRef:
         if text.startswith("toy:"):
             body, at, size = text.partition("@")
             parts = body.split(":")
-            if not (at and len(parts) == 4 and parts[3].isdigit() and size.isdigit()):
-                raise MaskError(f"{text}: not a toy mask reference (toy:<domain>:<split>:<index>@<size>)")
-            return cls.toy(f"toy:{parts[1]}", parts[2], int(parts[3]), int(size))
+            sides = size.split("x")
+            if not (at and len(parts) == 4 and parts[3].isdigit() and len(sides) in (1, 2)
+                    and all(side.isdigit() for side in sides)):
+                raise MaskError(f"{text}: not a toy mask reference (toy:<domain>:<split>:<index>@<size>, "
+                                "size = a side or HxW)")
+            return cls.toy(f"toy:{parts[1]}", parts[2], int(parts[3]), (int(sides[0]), int(sides[-1])))
         uri, hash_, row = text.rpartition("#")
         if hash_ and uri.endswith(".parquet"):
             if not row.isdigit():
@@ -100,17 +107,17 @@ class MaskRef:
 
     def __str__(self) -> str:
         if self.kind == "toy":
-            return f"{self.uri}:{self.split}:{self.index}@{self.resolution}"
+            return f"{self.uri}:{self.split}:{self.index}@{size_label(as_size(self.resolution))}"
         if self.kind == "parquet":
             return f"{self.uri}#{self.index}"
         return self.uri
 
 
 def list_masks(source: str, split: str = "train", num_masks: int | None = None,
-               resolution: int = 64) -> list[MaskRef]:
+               resolution: int | tuple[int, int] = 64) -> list[MaskRef]:
     """The refs of the masks of `source` (see the module docstring), sorted; the first `num_masks`.
 
-    Toy sources render their labels at `resolution`; their default count is the toy dataset's
+    Toy sources render their labels at `resolution` (a side, or (height, width)); their default count is the toy dataset's
     (30 train / 100 val; toy:world 8000 / 500).
     """
     if source == "toy" or source.startswith("toy:"):
@@ -182,18 +189,21 @@ class MaskReader:
         return bytes(value)
 
 
-def load_checked(reader: MaskReader, ref: MaskRef, resolution: int) -> np.ndarray:
-    """The train-id map of `ref` if it is a usable mask for images of `resolution`; else a MaskError
-    whose text (naming the ref) is the reason."""
+def load_checked(reader: MaskReader, ref: MaskRef, resolution: int | tuple[int, int]) -> np.ndarray:
+    """The train-id map of `ref` if it is a usable mask for images of `resolution` (a side, or
+    (height, width)); else a MaskError whose text (naming the ref) is the reason. Usable: at least
+    that high and that wide, so the crop at the image's aspect (generation.augment_layout) is only
+    ever downscaled."""
     label = reader.load(ref)
     h, w = label.shape
-    if min(h, w) < resolution:
-        raise MaskError(f"{ref}: {w}x{h} is smaller than --resolution {resolution} (labels are only ever "
-                        "downscaled, nearest-neighbour)")
+    out_h, out_w = as_size(resolution)
+    if h < out_h or w < out_w:
+        raise MaskError(f"{ref}: {w}x{h} (WxH) is smaller than --resolution {size_label((out_h, out_w))} "
+                        f"({out_w}x{out_h} WxH; labels are only ever downscaled, nearest-neighbour)")
     return label
 
 
-def check_mask(reader: MaskReader, ref: MaskRef, resolution: int) -> str | None:
+def check_mask(reader: MaskReader, ref: MaskRef, resolution: int | tuple[int, int]) -> str | None:
     """None if `ref` is a usable mask for images of `resolution`, else the reason it is not."""
     try:
         load_checked(reader, ref, resolution)
@@ -202,7 +212,7 @@ def check_mask(reader: MaskReader, ref: MaskRef, resolution: int) -> str | None:
     return None
 
 
-def check_masks(refs: list[MaskRef], resolution: int, strict: bool = False,
+def check_masks(refs: list[MaskRef], resolution: int | tuple[int, int], strict: bool = False,
                 threads: int = 8) -> tuple[list[MaskRef], list[dict]]:
     """(usable refs in order, skipped [{"mask": str(ref), "reason": ...}]). Decodes every mask once,
     in `threads` threads, keeping none of them. strict: the first bad mask raises MaskError."""

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .config import GenerateConfig, MeasureConfig, build_config
+from .config import GenerateConfig, MeasureConfig, build_config, size_identity
 from .distributed import ensure_ray, resolve_resources
 from .errors import UserValueError
 from .generation import ShardGenerator, check_generate_inputs
@@ -94,7 +94,7 @@ def prepare_generate(cfg: GenerateConfig) -> dict:
             raise UserValueError(f"--masks {cfg.masks}: none of its {len(refs)} masks is usable; e.g. "
                                  f"{skipped[0]['reason']}")
     store = ShardStore(cfg.output)
-    identity = run_identity(cfg, resolution=resolution, lora_sha256=checked["lora_sha256"],
+    identity = run_identity(cfg, resolution=size_identity(resolution), lora_sha256=checked["lora_sha256"],
                             controlnet_sha256=checked["controlnet_sha256"],
                             masks_sha256=hashlib.sha256("\n".join(map(str, refs)).encode()).hexdigest())
     completed = store.prepare(identity, cfg.overwrite)
@@ -176,7 +176,9 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict:
         "num_samples": cfg.num_samples,
         "num_shards": len(records),
         "rows_per_shard": cfg.rows_per_shard,
-        "resolution": resolution,
+        "resolution": size_identity(resolution),  # 512 (a square) or "512x1024" (height x width)
+        "height": resolution[0],
+        "width": resolution[1],
         "shards": records,
         "stats": stats,
         "num_masks": len(refs),

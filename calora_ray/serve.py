@@ -52,13 +52,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from .config import Limits, ServeConfig, build_config, from_text, load_yaml
-from .controlnet import check_control_palette, controlnet_sha256
+from .config import Limits, ServeConfig, build_config, from_text, load_yaml, parse_resolution
+from .controlnet import check_control_palette, controlnet_sha256, vae_factor_of
 from .data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE, LabelError, palette_colors, validate_label
 from .data.png import encode_png
 from .distributed import ensure_ray
 from .errors import UserError, UserValueError
-from .generation import MaskGenerator, build_prompt
+from .generation import MaskGenerator, augment_layout, build_prompt
 from .lora import lora_file
 from .models import resolve_dtype
 from .toyworld.world import CONDITIONS
@@ -120,8 +120,12 @@ def request_model(limits: Limits):
     """The pydantic model of POST /v1/generate's body, its bounds taken from `limits` (so the OpenAPI
     schema at /openapi.json states exactly what the server accepts), with the cross-field rules
     (`CROSS_FIELD_RULES`) added to its JSON schema."""
+    size = parse_resolution(limits.resolution)
     side = (f"each side a multiple of {limits.side_multiple} and at most {limits.max_side} pixels "
-            "(GET /v1/info, `limits`)")
+            "(GET /v1/info, `limits`)") if size is None else (
+            f"at least {size[1]} wide and {size[0]} high, at most {limits.max_side} pixels a side: the server "
+            f"crops it at its {size[1]}:{size[0]} aspect (centred) and resizes it nearest-neighbour to "
+            f"{size[1]}x{size[0]} (GET /v1/info, `limits.resolution`, height x width)")
 
     def png(fmt: str):  # the string branch of `str | None` carries what the string must be
         return Annotated[str, Field(max_length=limits.max_body_bytes, json_schema_extra={
@@ -133,7 +137,10 @@ def request_model(limits: Limits):
         __config__=ConfigDict(extra="forbid", json_schema_extra=CROSS_FIELD_RULES),
         mask=(png(MASK_FORMAT) | None, Field(None, description=(
             "Base64 PNG, mode L (or P), whose pixel values are Cityscapes train ids 0..18 (255 = ignore); "
-            f"the image is generated at its size, {side}. Exactly one of `mask` and `colormask`."))),
+            f"the image is generated at its size, {side}. Exactly one of `mask` and `colormask`."
+            if size is None else
+            "Base64 PNG, mode L (or P), whose pixel values are Cityscapes train ids 0..18 (255 = ignore); "
+            f"{side}. Exactly one of `mask` and `colormask`."))),
         colormask=(png(COLORMASK_FORMAT) | None, Field(None, description=(
             "Base64 PNG, mode RGB (or P), coloured with the Cityscapes palette (GET /v1/info `classes`; black = "
             "ignore), whatever palette the server's ControlNet takes (`control_palette`), "
@@ -215,6 +222,12 @@ def decode_label(mask: str | None, colormask: str | None, limits: Limits) -> np.
             raise RequestError(field, f"PNG mode {image.mode!r}; expected 'RGB' (or 'P') palette colours")
         label = labels_from_colors(np.asarray(image.convert("RGB")), field)
     height, width = label.shape
+    size = parse_resolution(limits.resolution)
+    if size is not None:  # the server's one size: crop at its aspect, resize nearest (as jobs/generate.py does)
+        if height < size[0] or width < size[1]:
+            raise RequestError(field, f"size {width}x{height} is smaller than the server's resolution "
+                                      f"{size[1]}x{size[0]} (width x height); masks are only ever downscaled")
+        return augment_layout(label, size)
     m = limits.side_multiple
     if height % m or width % m:
         raise RequestError(field, f"size {width}x{height}: each side must be a multiple of {m} (the model's "
@@ -567,6 +580,11 @@ def check_serve_inputs(cfg: ServeConfig) -> None:
     check_control_palette(cfg.controlnet, cfg.control_palette)  # checks the directory too
     if cfg.lora is not None:
         lora_file(cfg.lora)
+    size = parse_resolution(cfg.resolution)
+    factor = vae_factor_of(cfg.controlnet) * 8  # the side multiple a replica sets (SegmentationSampler)
+    if size is not None and (size[0] % factor or size[1] % factor or max(size) > cfg.max_side // factor * factor):
+        raise UserValueError(f"--resolution {cfg.resolution}: each side must be a multiple of {factor} (the "
+                             f"model's VAE factor x 8) and at most --max-side {cfg.max_side}")
 
 
 def application(cfg: ServeConfig):

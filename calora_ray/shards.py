@@ -380,7 +380,8 @@ adapter, so the label is the image's label by construction.
 - prompts: {'`' + cfg['prompt_template'] + '`' if cfg['prompt_template'] else "the paper's template, e.g. `" + manifest['example_prompt'] + '`'}
 - conditions (rows): {conditions}
 - {cfg['steps']} sampling steps, guidance {cfg['guidance']}, ControlNet scale {cfg['conditioning_scale']},
-  {manifest['resolution']}x{manifest['resolution']} pixels, job seed {cfg['seed']}
+  {manifest.get('width', manifest['resolution'])}x{manifest.get('height', manifest['resolution'])} pixels
+  (width x height), job seed {cfg['seed']}
 
 ## Format
 

@@ -258,7 +258,7 @@ def test_generate_with_ade20k_palette_feeds_a_public_shape_controlnet_exactly_th
     cfg = parse_config(GenerateConfig, ["--model", str(model), "--controlnet", str(cn), "--control-palette", "ade20k",
                                         "--resolution", "64", "--steps", "2", "--batch-size", "2",
                                         "--output", str(tmp_path / "out")], "generate")
-    assert check_generate_inputs(cfg)["resolution"] == 64
+    assert check_generate_inputs(cfg)["resolution"] == (64, 64)
     refs = list_masks("toy", "train", 2, 64)
     gen = ShardGenerator(cfg, refs, 64, threads=1)  # what each Ray Data actor builds from the job's config
     assert gen.generator.control_palette == "ade20k"

@@ -22,13 +22,17 @@ from calora_ray.generation import (
     ShardGenerator,
     augment_layout,
     build_prompt,
+    check_generate_inputs,
     plan_sample,
     sample_id,
     sample_seed,
 )
-from calora_ray.masks import MaskError, MaskReader, check_masks, list_masks
+from calora_ray.errors import UserValueError
+from calora_ray.masks import MaskError, MaskReader, MaskRef, check_masks, list_masks
 from calora_ray.ray_data import PROBE_MASKS, prepare_generate, run_generate
 from calora_ray.shards import ShardStore, read_table, shard_ranges, table_bytes
+from calora_ray.toyworld.city import render_scene
+from calora_ray.toyworld.splits import toy_render_seed
 
 N, ROWS = 10, 4  # 3 shards: 4 + 4 + 2
 
@@ -107,6 +111,23 @@ def test_layout_augmentation_is_nearest_only():
     assert np.array_equal(augment_layout(label, 64, flip=True), label[:, ::-1])
     wide = np.repeat(np.arange(8, dtype=np.uint8)[None, :], 4, axis=0)  # 4 x 8, ids = column
     assert np.array_equal(augment_layout(wide, 4), wide[:, 2:6])  # centre square
+
+
+def test_layout_augmentation_crops_at_the_aspect_of_a_non_square_size():
+    """--resolution HxW: the largest window of the output's aspect, centred (or placed by zoom/offset),
+    resized nearest-neighbour to exactly (H, W)."""
+    rows, cols = np.meshgrid(np.arange(8), np.arange(16), indexing="ij")
+    ids = (rows * 16 + cols).astype(np.uint8)  # 8 x 16, every pixel its own id
+    assert np.array_equal(augment_layout(ids, (8, 16)), ids)  # same size: unchanged
+    assert np.array_equal(augment_layout(ids, (4, 8)), ids[1::2, 1::2])  # 2:1 onto 2:1: the whole map, halved (PIL)
+    assert np.array_equal(augment_layout(ids, (8, 8)), ids[:, 4:12])  # a square: the centre square
+    tall = ids.T.copy()  # 16 x 8 onto 2:1: a centred band 4 high of the full width
+    assert np.array_equal(augment_layout(tall, (4, 8)), tall[6:10])
+    # zoom 2 at the top-left corner: a window of half each side, then flipped
+    assert np.array_equal(augment_layout(ids, (4, 8), flip=True, zoom=2.0, offset=(0.0, 0.0)), ids[:4, :8][:, ::-1])
+    square = open_dataset("toy", num_images=1, resolution=None)[0]["label"]  # 64 x 64
+    out = augment_layout(square, (32, 64))
+    assert out.shape == (32, 64) and np.array_equal(out, square[16:48])  # the centre band, nearest only
 
 
 def test_generator_is_deterministic_per_seed(controlnet_dir):
@@ -218,6 +239,16 @@ def test_parquet_and_toy_mask_sources(tmp_path):
     assert [str(r) for r in toy] == ["toy:target:train:0@32", "toy:target:train:1@32", "toy:target:train:2@32"]
     reader = MaskReader()
     assert np.array_equal(reader.load(toy[1]), open_dataset("toy", num_images=2, resolution=32)[1]["label"])
+    # a non-square size renders the toy scene at it (a wider view of the street, not a crop of a square)
+    wide = list_masks("toy", "train", num_masks=2, resolution=(32, 64))
+    assert str(wide[1]) == "toy:target:train:1@32x64" and MaskRef.parse(str(wide[1])) == wide[1]
+    assert MaskRef.parse("toy:target:train:1@32x32") == toy[1]  # a square pair is its side
+    label = reader.load(wide[1])
+    assert label.shape == (32, 64) and np.array_equal(label, render_scene(toy_render_seed("train", 1, 0), "target",
+                                                                          (32, 64))[1])
+    assert check_masks(wide, resolution=(32, 64))[1] == [] and check_masks(toy[:1], resolution=(32, 33))[1] == [
+        {"mask": "toy:target:train:0@32", "reason": "toy:target:train:0@32: 32x32 (WxH) is smaller than --resolution "
+                                                    "32x33 (33x32 WxH; labels are only ever downscaled, nearest-neighbour)"}]
     # Parquet shards (as this job writes them): the label column, row by row
     labels = [open_dataset("toy", num_images=5)[i]["label"] for i in range(5)]
     (tmp_path / "pq").mkdir()
@@ -428,6 +459,27 @@ def test_an_ade20k_palette_run_records_the_palette_in_its_manifest_and_card(loca
     assert json.loads((out / "run_config.json").read_text())["control_palette"] == "ade20k"
     with pytest.raises(ValueError, match="different configuration \\(control_palette differ"):
         run_generate(generate_cfg(controlnet_dir, out, **values), progress=False)
+
+
+def test_a_non_square_resolution_sets_the_images_labels_columns_and_manifest(local_ray, controlnet_dir, tmp_path):
+    """--resolution 32x64 (HxW): every image and label is 64 wide and 32 high, the width/height columns and
+    the manifest say so, the card names the size, and masks too small for it are skipped with the reason."""
+    out = tmp_path / "wide"
+    cfg = generate_cfg(controlnet_dir, out, resolution="32x64", num_samples=3, rows_per_shard=3, preview_samples=2,
+                       measure_samples=0)
+    assert cfg.resolution == "32x64" and check_generate_inputs(cfg)["resolution"] == (32, 64)
+    run_generate(cfg, progress=False)
+    table = read_table(str(out), ["image", "label", "width", "height", "mask"]).to_pydict()
+    assert table["width"] == [64] * 3 and table["height"] == [32] * 3 and table["mask"][0] == "toy:target:train:0@32x64"
+    for png, mode in ((table["image"][0], "RGB"), (table["label"][0], "L")):
+        image = Image.open(io.BytesIO(png))
+        assert image.size == (64, 32) and image.mode == mode
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["resolution"], manifest["height"], manifest["width"]) == ("32x64", 32, 64)
+    assert "64x32 pixels\n  (width x height)" in (out / "README.md").read_text()
+    assert Image.open(out / "preview.png").size[0] > 3 * 64  # image | label | overlay per row
+    with pytest.raises(UserValueError, match="--resolution 40x64: each side must be a multiple of 32"):
+        check_generate_inputs(generate_cfg(controlnet_dir, out, resolution="40x64"))
 
 
 def test_crash_midway_then_rerun_gives_exactly_n_identical_samples(first_run, controlnet_dir, tmp_path):

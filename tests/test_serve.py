@@ -270,6 +270,34 @@ def test_serve_control_palette_is_checked_against_the_controlnets_record_and_sta
     assert table["classes"][13]["control_color"] == ADE20K_PALETTE[13].tolist() == [0, 102, 200]
 
 
+def test_a_server_resolution_crops_every_mask_at_its_aspect_and_resizes_it(controlnet_dir):
+    """--resolution 32x64 (HxW): a request's mask, whatever its size (at least 32 high and 64 wide), becomes a
+    32 x 64 label, cropped at 2:1 (centred) and resized nearest-neighbour; smaller masks are a 422 on `mask`;
+    the schema says so; a resolution the model cannot take fails before any replica starts."""
+    from calora_ray.errors import UserError
+    from calora_ray.generation import augment_layout
+    from calora_ray.serve import check_serve_inputs, request_model
+
+    limits = Limits(**{**LIMITS, "max_side": 128}, resolution="32x64")
+    for height, width in ((64, 128), (40, 80), (64, 64), (32, 64)):  # 40 x 80 is no multiple of 32: fine here
+        label = toy_label(height, width)
+        request = parse_request({"mask": png_b64(label)}, limits)
+        assert request.label.shape == (32, 64) and np.array_equal(request.label, augment_layout(label, (32, 64)))
+        colored = parse_request({"colormask": png_b64(colorize(label))}, limits)
+        assert np.array_equal(colored.label, request.label)
+    square = toy_label(64, 64)  # its centre band, already 64 wide: no resize
+    assert np.array_equal(parse_request({"mask": png_b64(square)}, limits).label, square[16:48])
+    check({"mask": png_b64(toy_label(32, 32))}, "mask", limits,
+          text="size 32x32 is smaller than the server's resolution 64x32 (width x height)")
+    described = request_model(limits).model_json_schema()["properties"]["mask"]["description"]
+    assert "crops it at its 64:32 aspect (centred) and resizes it nearest-neighbour to 64x32" in described
+    check_serve_inputs(build_config(ServeConfig, {"controlnet": str(controlnet_dir), "resolution": "32x64"}))
+    for bad in ("40x64", "64x2048"):
+        with pytest.raises(UserError, match=f"--resolution {bad}: each side must be a multiple of 32 .* at most "
+                                            "--max-side 1024"):
+            check_serve_inputs(build_config(ServeConfig, {"controlnet": str(controlnet_dir), "resolution": bad}))
+
+
 # ----------------------------------------------------------------------------- the Serve app over HTTP
 
 
