@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionControlNetPipeline
+from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 from PIL import Image
 
 from .cli import quiet_libraries
@@ -161,7 +161,11 @@ class MaskGenerator:
         images = gen.generate(labels, prompts, seeds, steps=25, guidance=4.0)
 
     Constructor (loads everything once; keep the object for many calls):
-      model       --model of every job: 'tiny', 'toy-sd', a diffusers directory or a hub id.
+      model       --model of every job: 'tiny', 'tiny-sdxl', 'toy-sd', a diffusers directory or a hub id.
+                  SD-1.x/2.x-shaped models run StableDiffusionControlNetPipeline; SDXL-shaped ones (two
+                  text encoders) StableDiffusionXLControlNetPipeline, with SDXL's size micro-conditioning
+                  original_size = target_size = the label's (height, width), crop (0, 0): what
+                  jobs/train_controlnet.py trains the ControlNet with.
       lora        a directory with pytorch_lora_weights.safetensors (jobs/finetune.py), or None.
       controlnet  a ControlNetModel directory (jobs/train_controlnet.py, or any diffusers
                   segmentation ControlNet), or None: then the images follow only the prompt and
@@ -204,13 +208,11 @@ class MaskGenerator:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or torch.float32
         components = load_components(model, model_seed)
-        if components.is_sdxl:
-            raise UserValueError(f"--model {model}: mask-conditioned generation supports SD-1.x/2.x-shaped "
-                             "models (an SDXL ControlNet pipeline is not wired up yet)")
         cast = None if self.dtype == torch.float32 else self.dtype  # fp32 is what they load as
         components.to(self.device)  # fp32, as they load; the VAE stays so (see the class docstring)
-        components.unet.to(dtype=cast)
-        components.text_encoder.to(dtype=cast)
+        for module in (components.unet, components.text_encoder, components.text_encoder_2):
+            if module is not None:  # text_encoder_2: SDXL only
+                module.to(dtype=cast)
         self.components = components
         self.model = model
         self.lora_sha256 = "" if lora is None else load_lora(components, lora)  # patches the shared UNet in place
@@ -222,9 +224,19 @@ class MaskGenerator:
         self.pipe.set_progress_bar_config(disable=True)
 
     def _pipeline(self):
+        """The stock diffusers pipeline over the shared modules: text-to-image without a ControlNet,
+        else the ControlNet pipeline of the model's family (SD or SDXL)."""
         c = self.components
         if self.controlnet is None:
             return c.pipeline()
+        if c.is_sdxl:
+            # No watermarker: generate() takes the latents and decodes them itself (decode), so the
+            # pipeline's output postprocessing never runs; force_zeros_for_empty_prompt stays SDXL's
+            # default (the unconditional branch is zeros; training.empty_prompt_conditioning).
+            return StableDiffusionXLControlNetPipeline(
+                vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
+                tokenizer_2=c.tokenizer_2, unet=c.unet, controlnet=self.controlnet, scheduler=c.scheduler,
+                add_watermarker=False)
         return StableDiffusionControlNetPipeline(
             vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
             controlnet=self.controlnet, scheduler=c.scheduler, safety_checker=None, feature_extractor=None,
@@ -238,9 +250,18 @@ class MaskGenerator:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """The pipeline's own decode and postprocessing of its final latents, with the latents cast to
-        the VAE's dtype first (float32: the upcast decode): (B, H, W, 3) floats in [0, 1]."""
+        the VAE's dtype first (float32: the upcast decode): (B, H, W, 3) floats in [0, 1]. SDXL
+        pipelines also undo per-channel latent statistics when the VAE's config records them."""
         vae = self.components.vae
-        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        latents = latents.to(vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if self.components.is_sdxl and mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            latents = (latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor
+                       + torch.tensor(mean).view(shape).to(latents))
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * len(image))
 
     def initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
@@ -271,6 +292,8 @@ class MaskGenerator:
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                       generator=generators, latents=self.initial_noise(generators, height, width))
+        if self.components.is_sdxl:  # the micro-conditioning the ControlNet was trained with (class docstring)
+            kwargs.update(original_size=(height, width), target_size=(height, width), crops_coords_top_left=(0, 0))
         if self.controlnet is not None:
             kwargs.update(image=[control_image(np.asarray(label, dtype=np.uint8), self.control_palette)
                                  for label in labels],

@@ -236,7 +236,7 @@ def _check_hub_reachable(model: str, timeout: float = 3.0) -> None:
         raise ConnectionError(f"cannot reach {constants.ENDPOINT} ({e})") from None
 
 
-_HINT = ("pass --model tiny (random test model), --model toy-sd (the project's pretrained toy model), a "
+_HINT = ("pass --model tiny or tiny-sdxl (random test models), --model toy-sd (the project's pretrained toy model), a "
          "local diffusers directory (e.g. one written by save_pretrained) or a reachable hub id")
 
 

@@ -47,7 +47,7 @@ from .controlnet import (CONTROLNET_FILES, RECORD_NAME, conditioning_channels, c
                          save_controlnet)
 from .data.labels import class_names_present
 from .datasets import open_dataset
-from .errors import UserError, UserValueError
+from .errors import UserError
 from .losses import diffusion_loss, diffusion_target, noisy_latents, sample_timesteps
 from .lora import (LORA_WEIGHT_NAME, attach_lora, check_modules, file_sha256, load_lora, lora_file, read_selection,
                    save_lora)
@@ -118,6 +118,19 @@ def _stack_cond(conds: list[dict]) -> dict:
     return out
 
 
+def empty_prompt_conditioning(components: Components, height: int, width: int) -> dict:
+    """The UNet conditioning an SDXL pipeline's classifier-free guidance gives its unconditional
+    branch: all-zero text embeddings and pooled embedding (StableDiffusionXL*Pipeline's
+    force_zeros_for_empty_prompt, on in SDXL's model_index.json), with the same size
+    micro-conditioning as the prompt. (SD-1.x/2.x encode the empty prompt instead: encode_prompts.)"""
+    if not components.is_sdxl:
+        raise ValueError(f"empty_prompt_conditioning is SDXL's; {components.name} encodes the empty prompt")
+    cond = encode_prompts(components, [""], height, width)
+    added = cond["added_cond_kwargs"]
+    return {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
+            "added_cond_kwargs": {"text_embeds": torch.zeros_like(added["text_embeds"]), "time_ids": added["time_ids"]}}
+
+
 def lora_task(components: Components, modules: list[str], rank: int, alpha: float, *, caption: str,
               caption_with_classes: bool = False, seed: int = 0, gradient_checkpointing: bool = False) -> TrainingTask:
     """CA-LoRA: adapters on exactly `modules` of the frozen UNet, trained with L_diff on captioned images."""
@@ -162,7 +175,12 @@ def controlnet_task(components: Components, *, lora: str | None = None, caption:
     sample is decided; "uniform" as in the original ControlNet recipe (losses.sample_timesteps).
     proportion_empty_prompts: train this share of the pairs with the empty prompt (the ControlNet
     paper uses 0.5): the mask is then the only clue, and classifier-free guidance's unconditional
-    branch, which also runs the ControlNet, sees what it was trained on.
+    branch, which also runs the ControlNet, sees what it was trained on (for SDXL that branch is
+    all-zero text conditioning: `empty_prompt_conditioning`).
+    SDXL-shaped models: the ControlNet gets the UNet's added conditions too (pooled text embedding
+    and the size micro-conditioning original = target = the training resolution, crop (0, 0);
+    models.encode_prompts), as diffusers' examples/controlnet/train_controlnet_sdxl.py trains it and
+    StableDiffusionXLControlNetPipeline calls it.
     """
     unet = components.unet
     torch.manual_seed(seed)  # the zero convolutions are zero; the conditioning embedding draws from here
@@ -188,14 +206,18 @@ def controlnet_task(components: Components, *, lora: str | None = None, caption:
             drop = torch.rand((len(prompts),), generator=generator) < proportion_empty_prompts
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         for p in set(prompts) - cache.keys():
-            cache[p] = encode_prompts(components, [p], size, size)
+            cache[p] = (empty_prompt_conditioning(components, size, size) if p == "" and components.is_sdxl
+                        else encode_prompts(components, [p], size, size))
         cond = _stack_cond([cache[p] for p in prompts])
         latents = encode_images(components, np.stack([it["image"] for it in items]), generator)
         control_image = control_tensor(labels, unet.device, control_palette)
+        extra = {}
+        if components.is_sdxl:  # pooled text + size micro-conditioning, exactly what the UNet gets
+            extra["added_cond_kwargs"] = {k: v.float() for k, v in cond["added_cond_kwargs"].items()}
 
         def control(noisy, t):
             down, mid = controlnet(noisy.float(), t, encoder_hidden_states=cond["encoder_hidden_states"].float(),
-                                   controlnet_cond=control_image, return_dict=False)
+                                   controlnet_cond=control_image, return_dict=False, **extra)
             return {"down_block_additional_residuals": [d.to(noisy.dtype) for d in down],
                     "mid_block_additional_residual": mid.to(noisy.dtype)}
 
@@ -595,18 +617,16 @@ def write_finetune_outputs(cfg: FinetuneConfig, weights: Path, state: dict, modu
 
 
 def check_controlnet_inputs(cfg: ControlNetConfig) -> tuple[ControlNetConfig, str | None, int]:
-    """jobs/train_controlnet.py's inputs, checked before any training: the LoRA, the data, an
-    SD-1.x/2.x-shaped model. Returns (cfg with the LoRA's absolute path, its sha256 or None, the
-    number of pairs)."""
+    """jobs/train_controlnet.py's inputs, checked before any training: the LoRA, the data and the
+    model (SD-1.x/2.x- or SDXL-shaped: `controlnet_task` takes either). Returns (cfg with the LoRA's
+    absolute path, its sha256 or None, the number of pairs)."""
     lora_sha = None
     if cfg.lora is not None:
         weights = lora_file(cfg.lora)
         cfg = dataclasses.replace(cfg, lora=str(weights.parent.resolve()))
         lora_sha = file_sha256(weights)
     num_images = check_training_data(cfg)
-    unet = load_unet_skeleton(cfg.model, cfg.model_seed)
-    if getattr(unet.config, "addition_embed_type", None) == "text_time":
-        raise UserValueError(f"--model {cfg.model}: ControlNet training supports SD-1.x/2.x-shaped models, not SDXL")
+    load_unet_skeleton(cfg.model, cfg.model_seed)  # a --model that does not load fails here, naming it
     return cfg, lora_sha, num_images
 
 

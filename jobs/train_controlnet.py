@@ -6,7 +6,8 @@
 The ControlNet starts as a copy of the UNet's encoder (ControlNetModel.from_unet) and learns to
 steer the frozen UNet (with the LoRA applied) from the colour-coded label map. Writes OUTPUT/
 config.json + diffusion_pytorch_model.safetensors (ControlNetModel.from_pretrained(OUTPUT); a
-stock StableDiffusionControlNetPipeline runs with it), controlnet.json, loss.csv and loss.png.
+stock StableDiffusionControlNetPipeline, or StableDiffusionXLControlNetPipeline for an SDXL
+model, runs with it), controlnet.json, loss.csv and loss.png.
 Checkpoints and resume work as for jobs/finetune.py.
 """
 
