@@ -1,6 +1,6 @@
 """The generation path on a GPU (run by hand on a GPU machine; CI has none):
 
-    python benchmarks/generate_cuda_check.py [--out DIR]
+    python benchmarks/generate_cuda_check.py [--out DIR] [--model tiny|tiny-sdxl]
 
 MaskGenerator (tiny model + a random segmentation ControlNet whose zero convolutions are made
 non-zero) on CUDA in fp32, fp16 and bf16: finite images, the same seeds give the same bytes, and — the
@@ -23,6 +23,8 @@ import torch
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="gen-cuda-"))
+    parser.add_argument("--model", default="tiny", choices=("tiny", "tiny-sdxl"),
+                        help="the random SD-shaped or SDXL-shaped model (StableDiffusionXLControlNetPipeline)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -36,7 +38,8 @@ def main(argv=None):
     from calora_ray.models import build_tiny
 
     controlnet_dir = out / "controlnet"
-    controlnet = ControlNetModel.from_unet(build_tiny(0).unet, conditioning_embedding_out_channels=conditioning_channels(4))
+    controlnet = ControlNetModel.from_unet(build_tiny(0, sdxl=args.model == "tiny-sdxl").unet,
+                                           conditioning_embedding_out_channels=conditioning_channels(4))
     torch.manual_seed(0)
     with torch.no_grad():
         for m in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
@@ -46,11 +49,11 @@ def main(argv=None):
     labels = [ds[i]["label"] for i in range(4)]
     prompts = [build_prompt(label, c) for label, c in zip(labels, ("clear", "foggy", "night", "snowy"))]
     seeds = [1, 2, 3, 4]
-    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0)}
+    report = {"model": args.model, "torch": torch.__version__, "device": torch.cuda.get_device_name(0)}
 
-    cpu = MaskGenerator("tiny", controlnet=str(controlnet_dir), device="cpu").generate(labels, prompts, seeds, 10, 4.0)
+    cpu = MaskGenerator(args.model, controlnet=str(controlnet_dir), device="cpu").generate(labels, prompts, seeds, 10, 4.0)
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        gen = MaskGenerator("tiny", controlnet=str(controlnet_dir), device="cuda", dtype=dtype)
+        gen = MaskGenerator(args.model, controlnet=str(controlnet_dir), device="cuda", dtype=dtype)
         a = gen.generate(labels, prompts, seeds, 10, 4.0)
         b = gen.generate(labels, prompts, seeds, 10, 4.0)
         diff = [np.abs(x.astype(int) - y.astype(int)) for x, y in zip(a, cpu)]
@@ -65,7 +68,7 @@ def main(argv=None):
                         "vs_cpu_max_abs": int(max(d.max() for d in diff)),
                         "images_per_s_b16_25steps": 48 / (time.perf_counter() - start)}
 
-    cfg = build_config(GenerateConfig, {"model": "tiny", "controlnet": str(controlnet_dir), "num_samples": 8,
+    cfg = build_config(GenerateConfig, {"model": args.model, "controlnet": str(controlnet_dir), "num_samples": 8,
                                         "rows_per_shard": 8, "steps": 5, "output": str(out / "shards")})
     from calora_ray.masks import list_masks
     from calora_ray.shards import ShardStore, read_table
