@@ -40,7 +40,7 @@ demo: install-seg
 
 # The tests exercise the real mmsegmentation (tests/test_evaluate.py), so they install the seg extra.
 test: install-seg
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 bench: install
 	$(PY) benchmarks/p1_scoring_cost.py
