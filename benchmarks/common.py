@@ -31,6 +31,7 @@ from calora_ray.concepts import resolve_concept
 from calora_ray.lora import attach_lora
 from calora_ray.losses import diffusion_target, noisy_latents
 from calora_ray.models import Components, build_tiny, encode_prompts, expand_conditioning
+from calora_ray.scoring import AUGMENTED_PER_SAMPLE, augmented_indices
 from calora_ray.sensitivity import (SensitivitySums, find_candidates, grad_only_for,
                                     sample_gradient_norms)
 from calora_ray.training import diffusion_step_loss
@@ -126,28 +127,51 @@ def scoring_sample(model: BenchModel, index: int, seed: int = 0):
     return noisy_latents(scheduler, x0, noise, t), t, diffusion_target(scheduler, x0, noise, t)
 
 
-def augmented_predictions(model: BenchModel, sample) -> list[torch.Tensor]:
-    """The no-grad part of score_one alone: the UNet under each c_aug."""
+def parse_estimators(text: str) -> list[str]:
+    """--estimators: a comma-separated list of scoring.AUGMENTED_PER_SAMPLE ('all', 'one')."""
+    names = [e.strip() for e in text.split(",") if e.strip()]
+    unknown = [e for e in names if e not in AUGMENTED_PER_SAMPLE]
+    if unknown or not names:
+        raise SystemExit(f"--estimators: unknown {unknown}; choose from {', '.join(AUGMENTED_PER_SAMPLE)}")
+    return names
+
+
+def sample_prompts(model: BenchModel, augmented_per_sample: str, index: int, seed: int = 0) -> list[int]:
+    """The c_aug (indices into model.augmented_conds) scoring sample `index` runs under an estimator:
+    the library's own draw (scoring.augmented_indices), so a benchmark scores what jobs/score.py would."""
+    return augmented_indices(seed, index, len(model.augmented_conds), augmented_per_sample)
+
+
+def _augmented_conds(model: BenchModel, prompts: list[int] | None) -> list[dict]:
+    return model.augmented_conds if prompts is None else [model.augmented_conds[k] for k in prompts]
+
+
+def augmented_predictions(model: BenchModel, sample, prompts: list[int] | None = None) -> list[torch.Tensor]:
+    """The no-grad part of score_one alone: the UNet under each c_aug of `prompts` (None: every one)."""
     noisy, t, _ = sample
     with torch.no_grad():
-        return [model.components.unet(noisy, t, **c).sample for c in model.augmented_conds]
+        return [model.components.unet(noisy, t, **c).sample for c in _augmented_conds(model, prompts)]
 
 
-def score_one(model: BenchModel, weights: list[torch.Tensor], sample) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-sample scoring work: L_diff + one L_concept per c_aug, all candidate gradients."""
+def score_one(model: BenchModel, weights: list[torch.Tensor], sample,
+              prompts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample scoring work: L_diff + one L_concept per c_aug of `prompts` (None: every one),
+    all candidate gradients."""
     noisy, t, target = sample
     with grad_only_for(model.components.unet, weights):
-        return sample_gradient_norms(model.components.unet, weights, noisy, t, target,
-                                     model.base_cond, model.augmented_conds)
+        return sample_gradient_norms(model.components.unet, weights, noisy, t, target, model.base_cond,
+                                     _augmented_conds(model, prompts))
 
 
-def score_candidates(model: BenchModel, num_samples: int, seed: int = 0) -> SensitivitySums:
+def score_candidates(model: BenchModel, num_samples: int, seed: int = 0,
+                     augmented_per_sample: str = "all") -> SensitivitySums:
     """Concept sensitivity of every candidate of the base UNet over `num_samples` samples."""
     candidates = find_candidates(model.components.unet)
     weights = [m.weight for m in candidates.values()]
     sums = SensitivitySums(list(candidates))
     for i in range(num_samples):
-        sums.add(*score_one(model, weights, scoring_sample(model, i, seed)))
+        sums.add(*score_one(model, weights, scoring_sample(model, i, seed),
+                            sample_prompts(model, augmented_per_sample, i, seed)))
     return sums
 
 
@@ -201,26 +225,29 @@ def lora_step(model: BenchModel, modules: list[str], batch_size: int, seed: int 
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                      min_sample_s: float = 0.2) -> dict[str, list[float]]:
+                      min_sample_s: float = 0.2, clock: Callable[[], float] = time.perf_counter
+                      ) -> dict[str, list[float]]:
     """Seconds per call of each fn, measured in rounds A B C A B C ... after `warmup` rounds.
 
     A fast fn is called several times per measurement (so one lasts >= min_sample_s) and the
     mean per call is recorded; each round rotates the order so no fn always follows the same one.
+    clock: wall time by default; time.process_time gives the CPU time this process spent (with one
+    torch thread, the compute a call costs, whatever else the shared machine runs meanwhile).
     """
     names = list(fns)
     inner = {}
     for _ in range(max(warmup, 1)):
         for n in names:
-            start = time.perf_counter()
+            start = clock()
             fns[n]()
-            inner[n] = max(1, round(min_sample_s / max(time.perf_counter() - start, 1e-6)))
+            inner[n] = max(1, round(min_sample_s / max(clock() - start, 1e-6)))
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
+            start = clock()
             for _ in range(inner[n]):
                 fns[n]()
-            times[n].append((time.perf_counter() - start) / inner[n])
+            times[n].append((clock() - start) / inner[n])
     return times
 
 

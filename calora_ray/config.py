@@ -195,7 +195,14 @@ class ScoreConfig(ModelConfig, DataConfig, DistributedConfig, RayConnectConfig):
     timestep: int = field(default=81, metadata=_help(
         "Diffusion timestep t at which gradients are taken (paper: 81 of 1000)."))
     num_samples: int = field(default=16, metadata=_help(
-        "Number of (x_0, noise) samples; each is scored against every augmented prompt."))
+        "Number of (x_0, noise) samples; each is scored against one augmented prompt or all of them "
+        "(--augmented-per-sample)."))
+    augmented_per_sample: str = field(default="one", metadata=_help(
+        "Augmented prompts each sample is scored against: 'one' (one c_aug per sample, drawn from the "
+        "sample's seed: the same expectation, for 2 UNet forwards and 2 gradients per sample instead of "
+        "1 + A of each; on toy-sd it ranks as well per sample, so better per second: docs/benchmarks.md) "
+        "or 'all' (every c_aug: the paper's estimator).",
+        choices=("all", "one")))
     x0: str = field(default="generated", metadata=_help(
         "Where x_0 comes from: 'generated' (sampled from the base model with the base prompt; needs "
         "no target data) or 'target' (encoded images of --data).",
@@ -222,6 +229,7 @@ class ScoreConfig(ModelConfig, DataConfig, DistributedConfig, RayConnectConfig):
 
     def __post_init__(self):
         check_choice("x0", self.x0, ("generated", "target"))
+        check_choice("augmented_per_sample", self.augmented_per_sample, ("all", "one"))
         check_choice("k_by", self.k_by, ("count", "params"))
         check_choice("selection_mode", self.selection_mode, SELECTION_MODES)
         if not (0 < self.top_k_percent <= 100):

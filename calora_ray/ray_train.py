@@ -48,7 +48,7 @@ def score_worker(config: dict) -> None:
     sums = score_samples(components, candidates, concept, shard_indices(cfg.num_samples, cfg.batch_size, rank, world),
                          timestep=cfg.timestep, seed=cfg.seed, x0=cfg.x0, resolution=cfg.resolution,
                          x0_steps=cfg.x0_steps, x0_guidance=cfg.x0_guidance, batch_size=cfg.batch_size,
-                         dataset=dataset, progress=rank == 0)
+                         dataset=dataset, augmented_per_sample=cfg.augmented_per_sample, progress=rank == 0)
     sums = sums.all_reduce(device)
     report = build_report(cfg, components, concept, candidates, sums, time.perf_counter() - started, world)
     report["device"] = str(device)

@@ -36,15 +36,18 @@ TRIAL_DRIVER_MEMORY = 512 * 2**20  # bytes: the trial function's process (no mod
 
 def score_run(cfg: AblateConfig, concept: str, timestep: int, samples: int, seed: int) -> dict:
     """One jobs/score.py run (kept in --work-dir/scores/<concept>-t<t>-n<samples>-s<seed>, reused by reruns
-    made with the same model and scoring settings): its report."""
+    made with the same model and scoring settings): its report. Scored with the paper's estimator
+    (every augmented prompt per sample, `--augmented-per-sample all`), which the ablation re-tests; a
+    report written before that option existed was made with it."""
     out = Path(cfg.work_dir) / "scores" / f"{concept}-t{timestep}-n{samples}-s{seed}"
     settings = {"model": cfg.model, "model_seed": cfg.model_seed, "data": cfg.data, "resolution": cfg.resolution,
                 "concept": concept, "timestep": timestep, "num_samples": samples, "x0_steps": cfg.score_x0_steps,
-                "top_k_percent": cfg.main_k, "seed": seed}
+                "top_k_percent": cfg.main_k, "seed": seed, "augmented_per_sample": "all"}
     path = out / "sensitivity.json"
     if path.is_file():
         report = json.loads(path.read_text())
-        if all(report.get("config", {}).get(key) == value for key, value in settings.items()):
+        recorded = {"augmented_per_sample": "all", **report.get("config", {})}
+        if all(recorded.get(key) == value for key, value in settings.items()):
             return report
     run_scoring(build_config(ScoreConfig, {
         **settings, "output": str(out), "overwrite": True, "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,

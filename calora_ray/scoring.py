@@ -1,13 +1,18 @@
 """The score job's plain code: draw (x_0, noise) samples, accumulate concept sensitivity, select, report.
 
 `score_samples` is the unit of work (a list of sample indices -> SensitivitySums); every sample's
-randomness comes from its own generator seeded by (seed, index), so any split of the indices over
-workers gives the same sums. calora_ray.ray_train.run_scoring (what jobs/score.py calls) runs it on
-Ray Train workers: `check_score_inputs` first, `prepare_scoring` + `score_samples` +
-`build_report` in each worker, `write_score_outputs` at the end.
+randomness comes from its own generators seeded by (seed, index), so any split of the indices over
+workers gives the same sums. `sample_norms` yields the per-sample numbers those sums add up (the
+tests and benchmarks/scoring_estimator_agreement.py read them one sample at a time).
+calora_ray.ray_train.run_scoring (what jobs/score.py calls) runs it on Ray Train workers:
+`check_score_inputs` first, `prepare_scoring` + `score_samples` + `build_report` in each worker,
+`write_score_outputs` at the end.
 """
 
 from __future__ import annotations
+
+import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -32,6 +37,27 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
+AUGMENTED_PER_SAMPLE = ("all", "one")
+
+
+def augmented_indices(seed: int, index: int, num_prompts: int, augmented_per_sample: str = "all") -> list[int]:
+    """The augmented prompts (indices into concept.augmented_prompts) sample `index` is scored against.
+
+    'all': every one (the paper's estimator). 'one': a single prompt drawn uniformly, so the mean
+    over (sample, prompt) pairs keeps the same expectation for 2 UNet forwards and 2 gradients per
+    sample instead of 1 + A of each. The draw comes from a stream of its own seeded by (seed, index),
+    not from `sample_generator`, so a sample's x_0 and noise are the same under both estimators, and
+    its prompt is the same whatever the batch size, the sharding or the number of workers.
+    """
+    if augmented_per_sample == "all":
+        return list(range(num_prompts))
+    if augmented_per_sample == "one":
+        # A str seed is hashed (SHA-512) by random.Random: the same draw on every platform and Python.
+        return [random.Random(f"augmented-prompt/{seed}/{index}").randrange(num_prompts)]
+    raise UserValueError(f"--augmented-per-sample {augmented_per_sample!r} is not one of "
+                         f"{', '.join(AUGMENTED_PER_SAMPLE)}")
+
+
 def draw_x0(components: Components, indices: list[int], generators: list[torch.Generator], x0: str,
             prompt: str, resolution: int, steps: int, guidance: float, dataset=None) -> torch.Tensor:
     """Clean latents x_0 for a batch of sample indices. -> (B, C, h, w)
@@ -49,23 +75,28 @@ def draw_x0(components: Components, indices: list[int], generators: list[torch.G
     return encode_images(components, np.stack(images), generators)
 
 
-def score_samples(components: Components, candidates: dict, concept: Concept, indices: list[int], *,
-                  timestep: int, seed: int, x0: str = "generated", resolution: int = 64,
-                  x0_steps: int = 20, x0_guidance: float = 7.5, batch_size: int = 4, dataset=None,
-                  progress: bool = True) -> SensitivitySums:
-    """Concept sensitivity sums over the samples `indices` (any subset of 0..num_samples-1)."""
+def sample_norms(components: Components, candidates: dict, concept: Concept, indices: list[int], *,
+                 timestep: int, seed: int, x0: str = "generated", resolution: int = 64,
+                 x0_steps: int = 20, x0_guidance: float = 7.5, batch_size: int = 4, dataset=None,
+                 augmented_per_sample: str = "all") -> Iterator[tuple[int, list[int], torch.Tensor, torch.Tensor]]:
+    """Per sample of `indices`, in order: (index, the augmented prompts it is scored against
+    (`augmented_indices`), diff_rms (M,), concept_rms (len(prompts), M)); candidates in `candidates`' order.
+
+    x_0 is drawn a batch at a time; then each sample runs `sample_gradient_norms` on its own prompts,
+    and only the prompts some sample of `indices` uses are encoded.
+    """
     unet = components.unet
     device = unet.device
     scheduler = components.noise_scheduler
     if not 0 <= timestep < scheduler.config.num_train_timesteps:
         raise UserValueError(f"--timestep {timestep} is outside the model's schedule "
                              f"(0..{scheduler.config.num_train_timesteps - 1})")
-    names = list(candidates)
-    weights = [candidates[n].weight for n in names]
-    sums = SensitivitySums(names)
+    num_prompts = len(concept.augmented_prompts)
+    prompts = {i: augmented_indices(seed, i, num_prompts, augmented_per_sample) for i in indices}
+    weights = [m.weight for m in candidates.values()]
     base = encode_prompts(components, [concept.base_prompt], resolution, resolution)
-    augmented = [encode_prompts(components, [p], resolution, resolution) for p in concept.augmented_prompts]
-    bar = tqdm(total=len(indices), desc=f"scoring '{concept.name}'", unit="sample", disable=not progress)
+    augmented = {k: encode_prompts(components, [concept.augmented_prompts[k]], resolution, resolution)
+                 for k in sorted({k for used in prompts.values() for k in used})}
     for start in range(0, len(indices), batch_size):
         batch = list(indices[start:start + batch_size])
         generators = [sample_generator(seed, i) for i in batch]
@@ -77,11 +108,27 @@ def score_samples(components: Components, candidates: dict, concept: Concept, in
         noisy = noisy_latents(scheduler, x0_latents, noise, t)
         target = diffusion_target(scheduler, x0_latents, noise, t)
         with grad_only_for(unet, weights):
-            for j in range(len(batch)):
+            for j, i in enumerate(batch):
                 diff_rms, concept_rms = sample_gradient_norms(
-                    unet, weights, noisy[j:j + 1], t[j:j + 1], target[j:j + 1], base, augmented)
-                sums.add(diff_rms, concept_rms)
-                bar.update(1)
+                    unet, weights, noisy[j:j + 1], t[j:j + 1], target[j:j + 1], base,
+                    [augmented[k] for k in prompts[i]])
+                yield i, prompts[i], diff_rms, concept_rms
+
+
+def score_samples(components: Components, candidates: dict, concept: Concept, indices: list[int], *,
+                  timestep: int, seed: int, x0: str = "generated", resolution: int = 64,
+                  x0_steps: int = 20, x0_guidance: float = 7.5, batch_size: int = 4, dataset=None,
+                  augmented_per_sample: str = "all", progress: bool = True) -> SensitivitySums:
+    """Concept sensitivity sums over the samples `indices` (any subset of 0..num_samples-1), each
+    scored against every augmented prompt ('all') or one drawn from its seed ('one'; `augmented_indices`)."""
+    sums = SensitivitySums(list(candidates))
+    bar = tqdm(total=len(indices), desc=f"scoring '{concept.name}'", unit="sample", disable=not progress)
+    for _, _, diff_rms, concept_rms in sample_norms(
+            components, candidates, concept, indices, timestep=timestep, seed=seed, x0=x0, resolution=resolution,
+            x0_steps=x0_steps, x0_guidance=x0_guidance, batch_size=batch_size, dataset=dataset,
+            augmented_per_sample=augmented_per_sample):
+        sums.add(diff_rms, concept_rms)
+        bar.update(1)
     bar.close()
     return sums
 
@@ -101,6 +148,7 @@ def build_report(cfg: ScoreConfig, components: Components, concept: Concept, can
         "augmented_prompts": list(concept.augmented_prompts),
         "timestep": cfg.timestep,
         "num_samples": sums.samples,
+        "augmented_per_sample": cfg.augmented_per_sample,
         "num_pairs": sums.count,
         "top_k_percent": cfg.top_k_percent,
         "k_by": cfg.k_by,
@@ -170,9 +218,16 @@ def write_score_outputs(cfg: ScoreConfig, report: dict) -> None:
         plot_scores(report["scores"], report["selected"], staging / "sensitivity.png",
                     title=f"{'' if report['normalized'] else 'unnormalised '}sensitivity to '{report['concept']}' "
                           f"({cfg.model}, t={cfg.timestep}, {report['num_samples']} samples x "
-                          f"{len(report['augmented_prompts'])} prompts); mode {cfg.selection_mode}, "
+                          f"{_prompts_per_sample(report)}); mode {cfg.selection_mode}, "
                           f"top {cfg.top_k_percent:g}% by {cfg.k_by}",
                     ylabel="rms(dL_concept)/rms(dL_diff)" if report["normalized"] else "rms(dL_concept)")
+
+
+def _prompts_per_sample(report: dict) -> str:
+    """'3 prompts' (every c_aug per sample) or '1 of 3 prompts' (--augmented-per-sample one)."""
+    num_prompts = len(report["augmented_prompts"])
+    one = report.get("augmented_per_sample", "all") == "one" and num_prompts > 1
+    return f"{'1 of ' if one else ''}{num_prompts} prompt{'s' if num_prompts > 1 else ''}"
 
 
 def _check_resolution(components: Components, resolution: int) -> None:

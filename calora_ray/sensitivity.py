@@ -5,7 +5,9 @@
 For one sample, the UNet runs forward once under the base prompt c; L_diff and each L_concept
 (one per augmented prompt) are then differentiated with respect to all candidate weights at once
 (`torch.autograd.grad` over the list of candidate weights: one backward pass per loss, never a loop
-over layers, and no gradient for any other parameter).
+over layers, and no gradient for any other parameter). The expectation over c_aug is estimated
+with every augmented prompt per sample, or with one drawn per sample (calora_ray.scoring.augmented_indices);
+either way `SensitivitySums` averages over the (sample, prompt) pairs it was given.
 """
 
 from __future__ import annotations

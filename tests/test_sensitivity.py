@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from calora_ray.concepts import BASE_PROMPT, Concept, resolve_concept
+from calora_ray.config import ConfigError, ScoreConfig, build_config, parse_config
 from calora_ray.losses import concept_loss, diffusion_loss
-from calora_ray.scoring import score_samples
+from calora_ray.scoring import augmented_indices, build_report, sample_norms, score_samples, shard_indices
 from calora_ray.selection import num_selected, select_top_k
-from calora_ray.sensitivity import find_candidates
+from calora_ray.sensitivity import SensitivitySums, find_candidates
 
 STYLE = resolve_concept("style")
 
@@ -140,6 +141,106 @@ def test_samples_split_anywhere_give_the_same_sums(tiny):
     assert parts.count == whole.count
     for n in whole.names:
         assert parts.scores()[n] == pytest.approx(whole.scores()[n], rel=1e-6)
+
+
+def norms(components, indices, concept=STYLE, **kw):
+    """{index: (prompts, diff_rms, concept_rms)} of `sample_norms` (x_0 from 2 DDIM steps, seed 0)."""
+    kw = dict(timestep=81, seed=0, x0_steps=2, **kw)
+    return {i: rest for i, *rest in sample_norms(components, find_candidates(components.unet), concept, indices, **kw)}
+
+
+def test_one_prompt_per_sample_is_the_all_run_for_the_prompt_it_drew(tiny):
+    """--augmented-per-sample one: the same x_0 and noise as 'all' (diff gradients equal), and each
+    sample's concept gradients are exactly the 'all' run's for the one prompt it drew."""
+    indices = list(range(5))
+    every = norms(tiny, indices, batch_size=2)
+    one = norms(tiny, indices, batch_size=2, augmented_per_sample="one")
+    assert list(one) == indices
+    expected = SensitivitySums(list(find_candidates(tiny.unet)))
+    for i in indices:
+        prompts, diff, concept = one[i]
+        assert prompts == augmented_indices(0, i, len(STYLE.augmented_prompts), "one")
+        assert every[i][0] == [0, 1, 2] and concept.shape[0] == 1
+        assert torch.equal(diff, every[i][1])
+        assert torch.equal(concept[0], every[i][2][prompts[0]])
+        expected.add(every[i][1], every[i][2][prompts])
+    sums = score(tiny, n=5, batch_size=2, augmented_per_sample="one")
+    assert sums.samples == 5 and sums.count == 5
+    for field in ("ratio_sum", "concept_sum", "diff_sum"):
+        assert torch.equal(getattr(sums, field), getattr(expected, field)), field
+
+
+def test_drawn_prompt_depends_only_on_seed_and_index(tiny):
+    """The batch size, the sharding over workers and the set of other samples do not move a sample's
+    prompt (nor its numbers); the seed does."""
+    n, batch = 6, 2
+    whole = norms(tiny, list(range(n)), batch_size=batch, augmented_per_sample="one")
+    assert {i: r[0] for i, r in norms(tiny, list(range(n)), batch_size=3, augmented_per_sample="one").items()} \
+        == {i: r[0] for i, r in whole.items()}
+    shards = [norms(tiny, shard_indices(n, batch, rank, 2), batch_size=batch, augmented_per_sample="one")
+              for rank in range(2)]
+    merged = {**shards[0], **shards[1]}
+    assert sorted(merged) == list(range(n))
+    for i in range(n):
+        assert merged[i][0] == whole[i][0]
+        assert torch.equal(merged[i][2], whole[i][2])
+    # Over many indices the draw reaches every prompt, and another seed draws differently.
+    draws = [augmented_indices(0, i, 3, "one")[0] for i in range(64)]
+    assert set(draws) == {0, 1, 2}
+    assert draws != [augmented_indices(1, i, 3, "one")[0] for i in range(64)]
+    assert augmented_indices(0, 7, 3, "all") == [0, 1, 2]
+
+
+def test_single_augmented_prompt_one_equals_all(tiny):
+    single = Concept("single", BASE_PROMPT, (STYLE.augmented_prompts[0],))
+    a = score(tiny, single, n=3, batch_size=2)
+    b = score(tiny, single, n=3, batch_size=2, augmented_per_sample="one")
+    assert (a.count, a.samples) == (b.count, b.samples) == (3, 3)
+    for field in ("ratio_sum", "concept_sum", "diff_sum"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_one_prompt_encodes_and_differentiates_only_what_it_uses(tiny, monkeypatch):
+    import calora_ray.scoring as scoring
+
+    calls, encoded = [], []
+    real_grad, real_encode = torch.autograd.grad, scoring.encode_prompts
+
+    def counting_grad(outputs, inputs, *a, **kw):
+        calls.append(len(inputs))
+        return real_grad(outputs, inputs, *a, **kw)
+
+    def recording_encode(components, prompts, *a, **kw):
+        encoded.extend(prompts)
+        return real_encode(components, prompts, *a, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    monkeypatch.setattr(scoring, "encode_prompts", recording_encode)
+    score(tiny, n=3, augmented_per_sample="one")
+    assert calls == [56] * (3 * 2)  # per sample: L_diff + the one L_concept
+    drawn = {augmented_indices(0, i, 3, "one")[0] for i in range(3)}
+    assert encoded == [STYLE.base_prompt] + [STYLE.augmented_prompts[k] for k in sorted(drawn)]
+
+
+def test_augmented_per_sample_choices(tiny):
+    assert ScoreConfig().augmented_per_sample == "one"  # the default since the estimator study (docs/benchmarks.md)
+    assert build_config(ScoreConfig, {"augmented_per_sample": "all"}).augmented_per_sample == "all"
+    with pytest.raises(ConfigError, match="--augmented-per-sample: 'two'"):
+        build_config(ScoreConfig, {"augmented_per_sample": "two"})
+    with pytest.raises(SystemExit):
+        parse_config(ScoreConfig, ["--augmented-per-sample", "two"], job="score")
+    assert parse_config(ScoreConfig, ["--augmented-per-sample", "one"], job="score").augmented_per_sample == "one"
+    with pytest.raises(ValueError, match="--augmented-per-sample 'two'"):
+        score(tiny, n=1, augmented_per_sample="two")
+
+
+def test_report_says_which_estimator_ran(tiny):
+    cfg = build_config(ScoreConfig, {"augmented_per_sample": "one"})
+    candidates = find_candidates(tiny.unet)
+    sums = score(tiny, n=2, augmented_per_sample="one")
+    report = build_report(cfg, tiny, STYLE, candidates, sums, elapsed=0.0)
+    assert report["augmented_per_sample"] == report["config"]["augmented_per_sample"] == "one"
+    assert report["num_samples"] == report["num_pairs"] == 2
 
 
 def test_timestep_outside_schedule(tiny):
