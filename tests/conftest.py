@@ -55,18 +55,17 @@ def tiny_dir(tmp_path_factory):
     return save_components(build_tiny(seed=0), tmp_path_factory.mktemp("tiny") / "tiny-sd")
 
 
-@pytest.fixture(scope="session")
-def controlnet_dir(tmp_path_factory):
-    """A random segmentation ControlNet for the tiny model: from_unet, with its zero convolutions made
-    non-zero (a fresh ControlNet's output is exactly zero, so the label would not matter yet)."""
+def save_random_controlnet(path, sdxl: bool = False):
+    """A random segmentation ControlNet of the tiny model (tiny-sdxl's with `sdxl`), saved at `path`:
+    from_unet, with its zero convolutions made non-zero (a fresh ControlNet's output is exactly zero,
+    so the label would not matter yet)."""
     import torch
     from diffusers import ControlNetModel
 
     from calora_ray.controlnet import conditioning_channels
     from calora_ray.models import build_tiny
 
-    tiny = build_tiny(0)
-    path = tmp_path_factory.mktemp("controlnet") / "cn"
+    tiny = build_tiny(0, sdxl=sdxl)
     # seeded before from_unet: its conditioning embedding draws from the global generator, and a
     # fixture that differed per session put different pixels on rounding boundaries each time
     torch.manual_seed(0)
@@ -77,6 +76,12 @@ def controlnet_dir(tmp_path_factory):
             module.weight.normal_(0, 0.05)
     controlnet.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def controlnet_dir(tmp_path_factory):
+    """A random segmentation ControlNet for the tiny model (save_random_controlnet)."""
+    return save_random_controlnet(tmp_path_factory.mktemp("controlnet") / "cn")
 
 
 def _fixed_batch_loss(components, dataset, caption="Photorealistic first-person urban street view"):

@@ -93,20 +93,9 @@ def trained(local_ray, tmp_path_factory):
 def random_controlnet(tmp_path_factory):
     """A random SDXL ControlNet of tiny-sdxl with its zero convolutions made non-zero: a fresh (or 2-step) one
     barely moves the image, so whether the label reaches the image would not show."""
-    from diffusers import ControlNetModel
+    from conftest import save_random_controlnet
 
-    from calora_ray.controlnet import conditioning_channels
-
-    path = tmp_path_factory.mktemp("controlnet-xl") / "cn"
-    torch.manual_seed(0)
-    controlnet = ControlNetModel.from_unet(build_tiny(0, sdxl=True).unet,
-                                           conditioning_embedding_out_channels=conditioning_channels(4))
-    with torch.no_grad():
-        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                       controlnet.controlnet_cond_embedding.conv_out]:
-            module.weight.normal_(0, 0.05)
-    controlnet.save_pretrained(path)
-    return path
+    return save_random_controlnet(tmp_path_factory.mktemp("controlnet-xl") / "cn", sdxl=True)
 
 
 @pytest.fixture(scope="module")
