@@ -135,18 +135,17 @@ def test_a_small_sweep_reports_resumes_and_reproduces(tmp_path, monkeypatch, con
     out, work = tmp_path / "out", tmp_path / "work"
     args = ["--model", "tiny", "--modes", "none", "normalized", "--ks", "2", "--concepts", "style", "--seeds", "0",
             "--steps", "4", "--batch-size", "2", "--sample-images", "2", "--sample-steps", "2", "--score-samples", "2",
-            "--score-x0-steps", "2", "--timesteps", "81", "1", "501", "--stability-samples", "1", "--reference-images", "8",
+            "--score-x0-steps", "2", "--timesteps", "81", "1", "--stability-samples", "1", "--reference-images", "8",
             "--controlnet", str(controlnet_dir), "--fidelity-masks", "2", "--eval-pairs", "4", "--eval-iters", "4",
             "--work-dir", "work", "--output", "out", "--address", "local"]
     try:
         code, text = run_job_main("ablate", *args)
         assert code == 0, text
-        assert "4 trials, 0 finished before, 4 to run" in text and "report: out/report.md" in text
+        assert "3 trials, 0 finished before, 3 to run" in text and "report: out/report.md" in text
         records = {p.stem: json.loads(p.read_text()) for p in (out / "trials").glob("*.json")}
-        assert set(records) == {"none-s0", "normalized-k2-style-s0", "normalized-k2-style-t1-s0",
-                                "normalized-k2-style-t501-s0"}
+        assert set(records) == {"none-s0", "normalized-k2-style-s0", "normalized-k2-style-t1-s0"}
         none, ca = records["none-s0"], records["normalized-k2-style-s0"]
-        t1, t501 = records["normalized-k2-style-t1-s0"], records["normalized-k2-style-t501-s0"]
+        t1 = records["normalized-k2-style-t1-s0"]
         assert none["num_modules"] == 0 and none["lora_params"] == 0 and none["steps"] is None
         assert ca["num_modules"] == 2 and ca["num_candidates"] == 56 and ca["steps"] == 4 and ca["lora_params"] > 0
         assert 0 < ca["param_percent"] < 1
@@ -159,22 +158,21 @@ def test_a_small_sweep_reports_resumes_and_reproduces(tmp_path, monkeypatch, con
         # the scoring study: each run kept in work/scores, compared in out/scoring.json
         study = json.loads((out / "scoring.json").read_text())
         assert sorted(p.name for p in (work / "scores").iterdir()) == [
-            "style-t1-n2-s0", "style-t501-n2-s0", "style-t81-n1-s0", "style-t81-n2-s0", "style-t81-n8-s1"]
+            "style-t1-n2-s0", "style-t81-n1-s0", "style-t81-n2-s0", "style-t81-n8-s1"]
         assert study["reference"] == {"samples": 8, "seed": 1, "timestep": 81}
         assert [(r["study"], r["timestep"], r["samples"]) for r in study["rows"]] == [
-            ("timestep", 1, 2), ("timestep", 501, 2), ("samples", 81, 1), ("samples", 81, 2)]
+            ("timestep", 1, 2), ("samples", 81, 1), ("samples", 81, 2)]
         for row in study["rows"]:
             assert -1 <= row["spearman"] <= 1 and all(0 <= v <= 1 for v in row["overlap"].values())
         # the Table 5 trials tune what their timestep's scoring selected: on the tiny model t=1 selects what
-        # t=81 does, so that trial is t=81's record (not trained again); t=501 selects others and trains
+        # t=81 does, so that trial is t=81's record (not trained again). (A Table 5 trial that trains, e.g.
+        # t=501, runs the same trial function on another selection; left out to keep this test short.)
         assert ca["timestep"] is None and "same_as" not in ca and ca["modules"] == json.loads(
             (work / "scores" / "style-t81-n2-s0" / "sensitivity.json").read_text())["selected"]
         assert t1["timestep"] == 1 and t1["modules"] == study["rows"][0]["selected"]
         assert set(t1["modules"]) == set(ca["modules"]) and t1["same_as"] == ca["trial"]
         assert {k: t1[k] for k in METRICS} == {k: ca[k] for k in METRICS} and t1["elapsed_s"] == 0
-        assert t501["timestep"] == 501 and t501["modules"] == study["rows"][1]["selected"]
-        assert set(t501["modules"]) != set(ca["modules"]) and "same_as" not in t501 and t501["steps"] == 4
-        assert not (work / "runs" / t1["trial"]).exists() and (work / "runs" / t501["trial"]).is_dir()
+        assert not (work / "runs" / t1["trial"]).exists() and (work / "runs" / ca["trial"]).is_dir()
 
         # downstream mIoU of Table 3's trials: one shared real-only segmenter, one per trial's generated set
         for record in (none, ca):
@@ -186,17 +184,17 @@ def test_a_small_sweep_reports_resumes_and_reproduces(tmp_path, monkeypatch, con
             assert manifest["num_samples"] == 4 and (lora is None if record is none else
                                                      Path(lora).resolve() == (work / "runs" / ca["trial"]).resolve())
         assert none["miou_real"] == ca["miou_real"]
-        assert t1["miou_real_synth"] is None and t501["miou_real_synth"] is None  # Table 5: not measured
+        assert t1["miou_real_synth"] is None  # Table 5: not measured
 
         report = (out / "report.md").read_text()
-        assert "python jobs/ablate.py --model tiny" in report and "trials finished: 4 of 4" in report
+        assert "python jobs/ablate.py --model tiny" in report and "trials finished: 3 of 3" in report
         assert "| CA-LoRA (normalized, top 2 %) | style | 2 |" in report and "What was left out" in report
         assert "## Table 5 (toy world): the scoring timestep" in report
         assert "## Ranking stability: scoring samples" in report
         assert "--timesteps: 201, 481 of the full grid did not run." in report
-        assert "| style | 501 |" in report and "| style | 2 (main) | 0 |" in report
+        assert "| style | 1 |" in report and "| style | 2 (main) | 0 |" in report
         assert Image.open(out / "fig6.png").format == "PNG"
-        assert len(json.loads((out / "results.json").read_text())["rows"]) == 4
+        assert len(json.loads((out / "results.json").read_text())["rows"]) == 3
 
         # killed before the CA-LoRA trial finished: its record is missing (records are written whole, at the
         # end) and, here, its fine-tuning run too, and so its downstream set and segmenter run (they come after
@@ -208,7 +206,7 @@ def test_a_small_sweep_reports_resumes_and_reproduces(tmp_path, monkeypatch, con
             shutil.rmtree(lost)
         code, text = run_job_main("ablate", *args)
         assert code == 0, text
-        assert "4 trials, 3 finished before, 1 to run" in text
+        assert "3 trials, 2 finished before, 1 to run" in text
         assert (out / "trials" / "none-s0.json").read_bytes() == kept
         again = json.loads((out / "trials" / "normalized-k2-style-s0.json").read_text())
         assert {k: again[k] for k in METRICS} == {k: ca[k] for k in METRICS}
@@ -216,12 +214,12 @@ def test_a_small_sweep_reports_resumes_and_reproduces(tmp_path, monkeypatch, con
         assert again["miou_real_synth"] == ca["miou_real_synth"]
 
         code, text = run_job_main("ablate", *args)  # nothing left: no Ray work, the report again
-        assert code == 0 and "4 trials, 4 finished before, 0 to run" in text, text
+        assert code == 0 and "3 trials, 3 finished before, 0 to run" in text, text
         # a larger grid, reported without running it: what is missing is listed, nothing runs
         code, text = run_job_main("ablate", *args, "--seeds", "0", "1", "--stage", "report")  # the last --seeds wins
-        assert code == 0 and "8 trials, 4 finished before, 0 to run" in text, text
+        assert code == 0 and "6 trials, 3 finished before, 0 to run" in text, text
         report = (out / "report.md").read_text()
-        assert "trials finished: 4 of 8 in the grid" in report and "`none-s1`" in report
+        assert "trials finished: 3 of 6 in the grid" in report and "`none-s1`" in report
         assert "--stage" not in report and not (out / "trials" / "none-s1.json").exists()
         # other settings in the same output would mix incomparable numbers: refused, naming the setting
         other = [("5" if a == "4" and args[i - 1] == "--steps" else a) for i, a in enumerate(args)]
