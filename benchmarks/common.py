@@ -98,12 +98,17 @@ def build_model(name: str, seed: int = 0) -> BenchModel:
                       f"{params / 1e6:.1f}M UNet params, {n} candidates, latents {latent_shape}")
 
 
-def parse_models(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in MODELS]
+def parse_choices(text: str, choices, flag: str) -> list[str]:
+    """A comma-separated flag value, each name one of `choices` (at least one): else a SystemExit naming `flag`."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in choices]
     if unknown or not names:
-        raise SystemExit(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+        raise SystemExit(f"{flag}: unknown {unknown}; choose from {', '.join(choices)}")
     return names
+
+
+def parse_models(text: str) -> list[str]:
+    return parse_choices(text, MODELS, "--models")
 
 
 def parse_ints(text: str) -> list[int]:
@@ -129,11 +134,7 @@ def scoring_sample(model: BenchModel, index: int, seed: int = 0):
 
 def parse_estimators(text: str) -> list[str]:
     """--estimators: a comma-separated list of scoring.AUGMENTED_PER_SAMPLE ('all', 'one')."""
-    names = [e.strip() for e in text.split(",") if e.strip()]
-    unknown = [e for e in names if e not in AUGMENTED_PER_SAMPLE]
-    if unknown or not names:
-        raise SystemExit(f"--estimators: unknown {unknown}; choose from {', '.join(AUGMENTED_PER_SAMPLE)}")
-    return names
+    return parse_choices(text, AUGMENTED_PER_SAMPLE, "--estimators")
 
 
 def sample_prompts(model: BenchModel, augmented_per_sample: str, index: int, seed: int = 0) -> list[int]:
