@@ -137,10 +137,8 @@ def request_model(limits: Limits):
         __config__=ConfigDict(extra="forbid", json_schema_extra=CROSS_FIELD_RULES),
         mask=(png(MASK_FORMAT) | None, Field(None, description=(
             "Base64 PNG, mode L (or P), whose pixel values are Cityscapes train ids 0..18 (255 = ignore); "
-            f"the image is generated at its size, {side}. Exactly one of `mask` and `colormask`."
-            if size is None else
-            "Base64 PNG, mode L (or P), whose pixel values are Cityscapes train ids 0..18 (255 = ignore); "
-            f"{side}. Exactly one of `mask` and `colormask`."))),
+            f"{'the image is generated at its size, ' if size is None else ''}{side}. "
+            "Exactly one of `mask` and `colormask`."))),
         colormask=(png(COLORMASK_FORMAT) | None, Field(None, description=(
             "Base64 PNG, mode RGB (or P), coloured with the Cityscapes palette (GET /v1/info `classes`; black = "
             "ignore), whatever palette the server's ControlNet takes (`control_palette`), "
